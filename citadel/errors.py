@@ -1,0 +1,137 @@
+"""Citadel's errors: one class per stable error code of the contract.
+
+The same tree serves the server (raised by the service layer, mapped to HTTP
+in one handler) and the client (raised from a response's ``code``), so a
+caller catches by meaning, never by message text::
+
+    CitadelError
+    ├── Unauthenticated        401 unauthenticated
+    ├── Forbidden              403 forbidden
+    ├── PayloadTooLarge        413 payload_too_large
+    ├── InvalidRequest         422 invalid_request
+    ├── InvalidCiphertext      400 invalid_ciphertext
+    ├── RateLimited            429 rate_limited          (retry_after)
+    └── ProviderUnavailable    503 provider_unavailable  (retry_after)
+        └── AuditUnavailable   503 provider_unavailable  (the audit log, not the provider)
+
+Messages are fixed text for a person. No error ever carries a value from the
+request: the constructors take no such argument, so none can leak into a body,
+a log line or a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuditUnavailable",
+    "CitadelError",
+    "Forbidden",
+    "InvalidCiphertext",
+    "InvalidRequest",
+    "PayloadTooLarge",
+    "ProviderUnavailable",
+    "RateLimited",
+    "Unauthenticated",
+    "error_for_code",
+]
+
+
+class CitadelError(Exception):
+    """Base of every error Citadel raises; ``code`` and ``status`` come from the contract."""
+
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+    default_detail: ClassVar[str] = "Internal error."
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        request_id: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        self.detail = detail or self.default_detail
+        self.request_id = request_id
+        self.retry_after = retry_after
+        super().__init__(self.detail)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(code={self.code!r}, status={self.status}, "
+            f"request_id={self.request_id!r}, retry_after={self.retry_after!r})"
+        )
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.detail}"
+
+
+class Unauthenticated(CitadelError):
+    code = "unauthenticated"
+    status = 401
+    default_detail = "Missing or unknown X-Internal-API-Key."
+
+
+class Forbidden(CitadelError):
+    code = "forbidden"
+    status = 403
+    default_detail = "This caller may not perform this operation."
+
+
+class PayloadTooLarge(CitadelError):
+    code = "payload_too_large"
+    status = 413
+    default_detail = "The request body is over the size limit."
+
+
+class InvalidRequest(CitadelError):
+    code = "invalid_request"
+    status = 422
+    default_detail = "The request does not fit the schema."
+
+
+class InvalidCiphertext(CitadelError):
+    code = "invalid_ciphertext"
+    status = 400
+    default_detail = "The ciphertext is malformed, from another key, or tampered with."
+
+
+class RateLimited(CitadelError):
+    code = "rate_limited"
+    status = 429
+    default_detail = "Rate limit exceeded."
+
+
+class ProviderUnavailable(CitadelError):
+    code = "provider_unavailable"
+    status = 503
+    default_detail = "The encryption provider is unavailable; retry later."
+
+
+class AuditUnavailable(ProviderUnavailable):
+    """The audit event could not be written, so the operation was refused (fail-closed).
+
+    The contract has one 503 code; callers retry both the same way, so this keeps
+    ``provider_unavailable`` and differs only in its message and class.
+    """
+
+    default_detail = "The audit log is unavailable; the operation was not performed."
+
+
+_BY_CODE: dict[str, type[CitadelError]] = {
+    cls.code: cls
+    for cls in (
+        Unauthenticated,
+        Forbidden,
+        PayloadTooLarge,
+        InvalidRequest,
+        InvalidCiphertext,
+        RateLimited,
+        ProviderUnavailable,
+    )
+}
+
+
+def error_for_code(code: str) -> type[CitadelError]:
+    """The error class for a contract code; unknown codes map to the base class."""
+    return _BY_CODE.get(code, CitadelError)
