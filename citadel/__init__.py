@@ -1,0 +1,30 @@
+"""Citadel: the credential vault of the trading platform.
+
+Callers import the client and the errors from here::
+
+    from citadel import CitadelClient, InvalidCiphertext
+"""
+
+from citadel.errors import (
+    AuditUnavailable,
+    CitadelError,
+    Forbidden,
+    InvalidCiphertext,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProviderUnavailable,
+    RateLimited,
+    Unauthenticated,
+)
+
+__all__ = [
+    "AuditUnavailable",
+    "CitadelError",
+    "Forbidden",
+    "InvalidCiphertext",
+    "InvalidRequest",
+    "PayloadTooLarge",
+    "ProviderUnavailable",
+    "RateLimited",
+    "Unauthenticated",
+]

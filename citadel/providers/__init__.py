@@ -1,0 +1,1 @@
+"""Encryption providers: the embedded local keyring and Evervault."""

@@ -1,0 +1,41 @@
+"""The interface every provider offers the service layer."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Protocol
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+    @property
+    def gauge(self) -> int:
+        """The value of ``citadel_breaker_state``: 0 closed, 1 half-open, 2 open."""
+        return {"closed": 0, "half_open": 1, "open": 2}[self.value]
+
+
+class Provider(Protocol):
+    """Encrypts and decrypts strings; raises only :mod:`citadel.errors` types."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Acquire keys or connections; must not block start-up on a remote service."""
+
+    async def aclose(self) -> None:
+        """Release what ``start`` acquired."""
+
+    def ready(self) -> bool:
+        """True when ``encrypt`` and ``decrypt`` can be served now."""
+
+    def breaker_state(self) -> BreakerState:
+        """The circuit breaker's state; ``closed`` for providers without one."""
+
+    async def encrypt(self, plaintext: str) -> str:
+        """Return a ciphertext that :meth:`decrypt` turns back into ``plaintext``."""
+
+    async def decrypt(self, ciphertext: str) -> str:
+        """Return the plaintext, or raise ``InvalidCiphertext`` / ``ProviderUnavailable``."""
