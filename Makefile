@@ -1,0 +1,36 @@
+# Two commands from a fresh clone: `make run` and `make test`. Each installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8004
+
+.PHONY: run test lint bench emulator clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("Citadel needs Python 3.11 or newer" if sys.version_info < (3, 11) else 0)'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: $(VENV)/.installed  ## start Citadel on the local provider
+	$(BIN)/citadel serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed  ## the whole test suite (installs redis-server when missing)
+	@scripts/ensure-redis-server
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict citadel
+
+bench: $(VENV)/.installed  ## throughput and latency against a bare FastAPI endpoint
+	$(BIN)/python scripts/bench.py
+
+emulator: $(VENV)/.installed  ## an Evervault API emulator on port 3999
+	$(BIN)/python -m evervault_emulator --port 3999
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

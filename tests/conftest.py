@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import Served, make_settings, serve_citadel
+
+from citadel.config import Settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def citadel(settings: Settings) -> Iterator[Served]:
+    with serve_citadel(settings) as served:
+        yield served
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

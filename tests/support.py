@@ -1,0 +1,124 @@
+"""Test support: settings for a temporary directory and a Citadel served on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from citadel.app import create_app
+from citadel.config import Settings
+from citadel.providers.base import Provider
+
+KEYS = {
+    "sentinel": "sentinel-key-" + "a" * 40,
+    "conductor": "conductor-key-" + "b" * 40,
+    "api-gateway": "gateway-key-" + "c" * 40,
+    "alchemist": "alchemist-key-" + "d" * 40,
+}
+PSEUDONYM_KEY = "test-pseudonym-key-0123456789"
+
+
+def make_settings(tmp: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "api_keys": {caller: [key] for caller, key in KEYS.items()},
+        "local_keyring": tmp / "keyring.json",
+        "audit_pseudonym_key": PSEUDONYM_KEY,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+class AuditSink(io.RawIOBase):
+    """A thread-safe binary sink that can be told to fail, like a full disk."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self.fail = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        with self._lock:
+            self._buf += bytes(data)
+        return len(data)
+
+    def text(self) -> str:
+        with self._lock:
+            return self._buf.decode()
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.text().splitlines() if line]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Served:
+    def __init__(self, url: str, audit: AuditSink, app: Any) -> None:
+        self.url = url
+        self.audit = audit
+        self.app = app
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10, **kw)
+
+
+@contextmanager
+def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on loopback; yields its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextmanager
+def serve_citadel(
+    settings: Settings, provider: Provider | None = None, port: int | None = None
+) -> Iterator[Served]:
+    audit = AuditSink()
+    app = create_app(settings, audit_sink=audit, provider=provider)  # type: ignore[arg-type]
+    with serve_app(app, port) as url:
+        yield Served(url, audit, app)
+
+
+def headers(caller: str | None = None, **extra: str) -> dict[str, str]:
+    out = {"X-Internal-API-Key": KEYS[caller]} if caller else {}
+    out.update({k.replace("_", "-"): v for k, v in extra.items()})
+    return out
+
+
+def sha256_form(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
