@@ -139,7 +139,7 @@ class AuditLog:
 
 def configure_logging(settings: Settings, stream: BinaryIO | None = None) -> None:
     """Configure structlog and route uvicorn's stdlib records through the same renderer."""
-    out = stream if stream is not None else sys.stdout.buffer
+    out: Any = stream if stream is not None else _CurrentStdout()
     level = logging.getLevelNamesMapping()[settings.log_level.upper()]
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -170,7 +170,7 @@ def configure_logging(settings: Settings, stream: BinaryIO | None = None) -> Non
             std_renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(formatter)
     for name in ("uvicorn", "uvicorn.error", "citadel"):
         std = logging.getLogger(name)
@@ -183,6 +183,28 @@ def configure_logging(settings: Settings, stream: BinaryIO | None = None) -> Non
     access.handlers = []
     access.propagate = False
     access.disabled = True
+
+
+class _CurrentStdout:
+    """Standard output as it is at each write, so a redirected stdout is followed."""
+
+    def write(self, data: bytes) -> int:
+        return sys.stdout.buffer.write(data)
+
+    def flush(self) -> None:
+        sys.stdout.buffer.flush()
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stdlib handler that, likewise, writes to the current standard output."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
 
 
 def _drop_exception_locals(

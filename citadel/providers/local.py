@@ -100,7 +100,7 @@ class LocalProvider:
     def encrypt_sync(self, plaintext: str) -> str:
         nonce = secrets.token_bytes(NONCE_BYTES)
         sealed = self._ciphers[self._active].encrypt(nonce, plaintext.encode(), self._header_bytes)
-        return self._header + base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+        return self._header + _b64(nonce + sealed)
 
     def decrypt_sync(self, ciphertext: str) -> str:
         prefix, sep, rest = ciphertext.partition(":")
@@ -112,7 +112,9 @@ class LocalProvider:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
             raise InvalidCiphertext() from None
-        if len(raw) < NONCE_BYTES + TAG_BYTES:
+        # Only the canonical encoding is accepted, so no two strings decrypt to
+        # the same message (base64's spare trailing bits would allow it).
+        if len(raw) < NONCE_BYTES + TAG_BYTES or _b64(raw) != body:
             raise InvalidCiphertext()
         header = f"{PREFIX}:{kid}:".encode()
         try:
@@ -120,3 +122,7 @@ class LocalProvider:
             return plain.decode()
         except (InvalidTag, UnicodeDecodeError):
             raise InvalidCiphertext() from None
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
