@@ -10,7 +10,7 @@ from typing import IO
 import structlog
 from fastapi import FastAPI
 
-from citadel.api import router
+from citadel.api import add_routes
 from citadel.audit import AuditLog, Pseudonymizer, pseudonym_key
 from citadel.config import SettingError, Settings
 from citadel.http_errors import install_error_handlers
@@ -86,10 +86,8 @@ def create_app(
         openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.state.settings = settings
-    app.state.vault = Vault(provider, authenticator, settings.max_plaintext_bytes)
-    app.state.status = status
     install_error_handlers(app)
-    app.include_router(router)
+    add_routes(app, Vault(provider, authenticator, settings.max_plaintext_bytes), status)
     app.add_middleware(
         CitadelMiddleware,
         authenticator=authenticator,

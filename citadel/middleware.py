@@ -13,11 +13,12 @@ and a copy of every response per request.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -77,6 +78,11 @@ class CitadelMiddleware:
         self.body_limit = body_limit
         self.limiter = limiter
         self._requests = metrics.requests
+        self._request_counters: dict[tuple[str, str, str], Any] = {}
+        # Request ids need to be unique, not secret: a random per-process prefix
+        # and a counter cost far less than a getrandom() call per request.
+        self._rid_prefix = os.urandom(8).hex()
+        self._rid_counter = itertools.count(1)
         self._durations = {op: metrics.duration.labels(op) for op in OPERATIONS.values()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -97,7 +103,7 @@ class CitadelMiddleware:
         rid = (
             request_id.decode()
             if request_id is not None and REQUEST_ID.match(request_id)
-            else os.urandom(16).hex()
+            else self._new_request_id()
         )
         operation = OPERATIONS.get(scope["path"]) if scope["method"] == "POST" else None
         ctx = RequestContext(rid, operation)
@@ -177,6 +183,9 @@ class CitadelMiddleware:
             ok = self._record(ctx, 500, start)
             await self._send_error(send, CitadelError() if ok else AuditUnavailable(), rid_header)
 
+    def _new_request_id(self) -> str:
+        return f"{self._rid_prefix}{next(self._rid_counter):016x}"
+
     def _record(self, ctx: RequestContext, status: int, start: float) -> bool:
         """Audit and count one response; False when the audit line could not be written."""
         elapsed = perf_counter() - start
@@ -185,23 +194,25 @@ class CitadelMiddleware:
             ctx.code = "ok" if status < 400 else "internal_error"
         try:
             self.audit.write(
-                {
-                    "operation": operation,
-                    "requestor": ctx.caller,
-                    "user_id": ctx.user_pseudonym,
-                    "success": status < 400,
-                    "code": ctx.code,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "request_id": ctx.request_id,
-                    "ct_fp": ctx.ct_fp,
-                }
+                operation=operation,
+                requestor=ctx.caller,
+                user_id=ctx.user_pseudonym,
+                success=status < 400,
+                code=ctx.code,
+                duration_ms=round(elapsed * 1000, 3),
+                request_id=ctx.request_id,
+                ct_fp=ctx.ct_fp,
             )
             ok = True
         except AuditUnavailable:
             log.error("audit_write_failed", operation=operation, request_id=ctx.request_id)
             ok = False
         code = ctx.code if ok else AuditUnavailable.code
-        self._requests.labels(operation, ctx.caller or "unknown", code).inc()
+        labels = (operation, ctx.caller or "unknown", code)
+        counter = self._request_counters.get(labels)
+        if counter is None:
+            counter = self._request_counters[labels] = self._requests.labels(*labels)
+        counter.inc()
         self._durations[operation].observe(elapsed)
         return ok
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import secrets
+import os
+import threading
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -35,30 +36,34 @@ TAG_BYTES = 16
 class XAES256GCM:
     """XAES-256-GCM as specified at c2sp.org/XAES-256-GCM, for one 256-bit key."""
 
-    __slots__ = ("_k1", "_key")
+    __slots__ = ("_key", "_local", "_m1_k1", "_m2_k1")
 
     def __init__(self, key: bytes) -> None:
         if len(key) != 32:
             raise ValueError("XAES-256-GCM needs a 32-byte key")
         self._key = key
+        self._local = threading.local()
         # K1 is the CMAC subkey: L = AES_K(0^128), doubled in GF(2^128).
-        l_block = self._aes_blocks(bytes(16))
-        k1 = int.from_bytes(l_block, "big") << 1
+        k1 = int.from_bytes(self._aes_blocks(bytes(16)), "big") << 1
         if k1 >> 128:
             k1 = (k1 & ((1 << 128) - 1)) ^ 0x87
-        self._k1 = k1.to_bytes(16, "big")
+        # M_i xor K1, with the nonce bits still zero: the nonce is xored in per message.
+        self._m1_k1 = int.from_bytes(b"\x00\x01X\x00" + bytes(12), "big") ^ k1
+        self._m2_k1 = int.from_bytes(b"\x00\x02X\x00" + bytes(12), "big") ^ k1
 
     def _aes_blocks(self, data: bytes) -> bytes:
-        # ECB over independent blocks is exactly the raw block cipher here; an
-        # encryptor per call keeps the object safe to share between threads.
-        enc = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()  # noqa: S305
-        return enc.update(data) + enc.finalize()
+        # ECB over whole blocks is the raw block cipher, stateless between
+        # calls, so one encryptor per thread serves every message of that thread.
+        enc = getattr(self._local, "ecb", None)
+        if enc is None:
+            enc = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()  # noqa: S305
+            self._local.ecb = enc
+        out: bytes = enc.update(data)
+        return out
 
     def _derive(self, nonce: bytes) -> AESGCM:
-        k1 = self._k1
-        m1 = b"\x00\x01X\x00" + nonce[:12]
-        m2 = b"\x00\x02X\x00" + nonce[:12]
-        blocks = bytes(a ^ b for a, b in zip(m1 + m2, k1 + k1, strict=True))
+        n = int.from_bytes(nonce[:12], "big")
+        blocks = ((self._m1_k1 ^ n) << 128 | (self._m2_k1 ^ n)).to_bytes(32, "big")
         return AESGCM(self._aes_blocks(blocks))
 
     def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -98,7 +103,7 @@ class LocalProvider:
         return self.decrypt_sync(ciphertext)
 
     def encrypt_sync(self, plaintext: str) -> str:
-        nonce = secrets.token_bytes(NONCE_BYTES)
+        nonce = os.urandom(NONCE_BYTES)
         sealed = self._ciphers[self._active].encrypt(nonce, plaintext.encode(), self._header_bytes)
         return self._header + _b64(nonce + sealed)
 

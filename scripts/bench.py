@@ -1,0 +1,266 @@
+"""Throughput and latency of Citadel against a bare FastAPI endpoint, in one run.
+
+Both servers run under the same uvicorn settings (one worker, uvloop,
+httptools, no access log) and are loaded by the same generator: wrk when it is
+installed (``apt-get install wrk``), otherwise a small asyncio/httpx loader
+(slower, so its figures are lower for both sides). Output: req/s, p50, p99 for
+each endpoint and Citadel's ratio to the bare endpoint.
+
+    python scripts/bench.py [--duration 10] [--connections 32] [--scenario local ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SENTINEL = "bench-sentinel-" + "s" * 40
+CONDUCTOR = "bench-conductor-" + "c" * 40
+PLAINTEXT = "binance-api-key-" + "k" * 48  # the size of a real exchange key
+UNLIMITED = "1000000000/minute"
+UVICORN = [
+    "--no-access-log",
+    "--log-level",
+    "warning",
+    "--loop",
+    "uvloop",
+    "--http",
+    "httptools",
+    "--workers",
+    "1",
+]
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, path: str = "/health", timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url + path, timeout=1)
+            if r.status_code < 500 or path == "/openapi.json":
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not start")
+
+
+@contextmanager
+def server(target: list[str], env: dict[str, str], cwd: Path, log: Path) -> Iterator[str]:
+    port = free_port()
+    cmd = [PY, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port), *UVICORN]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, "/docs")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+
+
+def citadel_env(workdir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CITADEL_", "EVERVAULT_"))}
+    env.update(
+        {
+            "CITADEL_API_KEYS": json.dumps({"sentinel": [SENTINEL], "conductor": [CONDUCTOR]}),
+            "CITADEL_RATE_LIMIT_PER_CALLER": UNLIMITED,
+            "CITADEL_RATE_LIMIT_PER_USER": UNLIMITED,
+            "CITADEL_RATE_LIMIT_AUTH_FAILURES": UNLIMITED,
+            "CITADEL_LOCAL_KEYRING": str(workdir / "keyring.json"),
+            "CITADEL_AUDIT_PSEUDONYM_KEY": "bench-pseudonym-key-0123456789",
+            "CITADEL_DOCS": "true",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def wrk(url: str, path: str, body: dict[str, str], key: str, duration: int, conns: int) -> Result:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["X-Internal-API-Key"] = "{key}"\n'
+        "done = function(summary, latency, requests)\n"
+        '  io.write(string.format("BENCH %f %f %d %d\\n", latency:percentile(50),'
+        " latency:percentile(99), summary.requests,"
+        " summary.errors.status + summary.errors.connect + summary.errors.read"
+        " + summary.errors.write + summary.errors.timeout))\n"
+        "end\n"
+    )
+    script.close()
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{duration}s", "-s", script.name, url + path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50, p99, _n, errors = re.search(r"BENCH (\S+) (\S+) (\d+) (\d+)", out).groups()  # type: ignore[union-attr]
+    return Result("", rps, float(p50) / 1000, float(p99) / 1000, int(errors))
+
+
+def pyload(
+    url: str, path: str, body: dict[str, str], key: str, duration: int, conns: int
+) -> Result:
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker(client: httpx.AsyncClient, stop: float) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            r = await client.post(path, json=body, headers={"X-Internal-API-Key": key})
+            latencies.append(time.perf_counter() - t)
+            errors += r.status_code != 200
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=conns)
+        async with httpx.AsyncClient(base_url=url, limits=limits) as client:
+            start = time.perf_counter()
+            await asyncio.gather(*(worker(client, start + duration) for _ in range(conns)))
+            return time.perf_counter() - start
+
+    elapsed = asyncio.run(main())
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    return Result("", len(latencies) / elapsed, pick(0.5), pick(0.99), errors)
+
+
+def measure(
+    load: Callable[..., Result],
+    name: str,
+    url: str,
+    path: str,
+    body: dict[str, str],
+    key: str,
+    args: argparse.Namespace,
+) -> Result:
+    load(url, path, body, key, 2, args.connections)  # warm-up
+    result = load(url, path, body, key, args.duration, args.connections)
+    result.name = name
+    return result
+
+
+def report(rows: list[tuple[Result, Result]]) -> None:
+    print(f"{'endpoint':44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'ratio':>7}")
+    for citadel, bare in rows:
+        for r, ratio in ((bare, ""), (citadel, f"{citadel.rps / bare.rps:.0%}")):
+            print(
+                f"{r.name:44} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:7d} {ratio:>7}"
+            )
+        print(f"{'':44} p99 ratio to bare: {citadel.p99_ms / bare.p99_ms:.2f}x")
+
+
+def run_local(
+    args: argparse.Namespace, load: Callable[..., Result], work: Path
+) -> list[tuple[Result, Result]]:
+    rows = []
+    bare_log, cit_log = work / "bare.log", work / "citadel.log"
+    with server(["scripts.bare_app:app"], citadel_env(work), ROOT, bare_log) as bare_url:
+        bare_enc = measure(
+            load,
+            "bare FastAPI /encrypt (validate only)",
+            bare_url,
+            "/encrypt",
+            {"plaintext": PLAINTEXT},
+            SENTINEL,
+            args,
+        )
+        bare_dec = measure(
+            load,
+            "bare FastAPI /decrypt (validate only)",
+            bare_url,
+            "/decrypt",
+            {"encrypted_data": "x" * 120},
+            CONDUCTOR,
+            args,
+        )
+    env = citadel_env(work, **args.citadel_env)
+    with server(["citadel.app:app_from_env", "--factory"], env, work, cit_log) as url:
+        ct = httpx.post(
+            url + "/encrypt",
+            json={"plaintext": PLAINTEXT},
+            headers={"X-Internal-API-Key": SENTINEL},
+        ).json()["encrypted_data"]
+        enc = measure(
+            load,
+            f"citadel /encrypt ({args.label})",
+            url,
+            "/encrypt",
+            {"plaintext": PLAINTEXT},
+            SENTINEL,
+            args,
+        )
+        dec = measure(
+            load,
+            f"citadel /decrypt ({args.label})",
+            url,
+            "/decrypt",
+            {"encrypted_data": ct},
+            CONDUCTOR,
+            args,
+        )
+    rows += [(enc, bare_enc), (dec, bare_dec)]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--loader", choices=["auto", "wrk", "python"], default="auto")
+    args = parser.parse_args()
+    use_wrk = args.loader == "wrk" or (args.loader == "auto" and shutil.which("wrk"))
+    load = wrk if use_wrk else pyload
+    print(
+        f"loader: {'wrk -t1' if use_wrk else 'python asyncio/httpx'}, {args.connections} connections,"
+        f" {args.duration}s per endpoint, 1 uvicorn worker (uvloop, httptools), {os.cpu_count()} cores"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        args.citadel_env, args.label = {}, "local provider, memory limits"
+        rows = run_local(args, load, work)
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()
