@@ -19,6 +19,7 @@ from citadel.metrics import Metrics
 from citadel.middleware import CitadelMiddleware
 from citadel.providers.base import Provider
 from citadel.providers.local import LocalProvider
+from citadel.ratelimit import RateLimiter
 from citadel.security import Authenticator, resolve_api_keys
 from citadel.service import Vault
 from citadel.status import VERSION, StatusReport
@@ -65,16 +66,19 @@ def create_app(
     pseudonymize = Pseudonymizer(pseudonym_key(settings))
     metrics = Metrics()
     provider = provider or build_provider(settings, metrics)
-    status = StatusReport(provider, metrics)
+    limiter = RateLimiter(settings, metrics)
+    status = StatusReport(provider, metrics, limiter)
     status.refresh_gauges()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await provider.start()
+        await limiter.start()
         log.info("citadel_started", provider=provider.name, env=settings.env, version=VERSION)
         try:
             yield
         finally:
+            await limiter.aclose()
             await provider.aclose()
 
     app = FastAPI(
@@ -95,6 +99,7 @@ def create_app(
         metrics=metrics,
         pseudonymize=pseudonymize,
         body_limit=settings.max_plaintext_bytes * BODY_LIMIT_FACTOR + BODY_LIMIT_SLACK,
+        limiter=limiter,
     )
     return app
 

@@ -50,10 +50,12 @@ class CitadelError(Exception):
         *,
         request_id: str | None = None,
         retry_after: int | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.detail = detail or self.default_detail
         self.request_id = request_id
         self.retry_after = retry_after
+        self.headers = headers
         super().__init__(self.detail)
 
     def __repr__(self) -> str:

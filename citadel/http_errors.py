@@ -36,6 +36,7 @@ def error_parts(err: CitadelError) -> tuple[int, bytes, list[tuple[bytes, bytes]
     ]
     if err.retry_after is not None:
         headers.append((b"retry-after", str(max(0, int(err.retry_after))).encode()))
+    headers.extend((name.lower().encode(), value.encode()) for name, value in err.headers)
     return err.status, body, headers
 
 

@@ -148,12 +148,16 @@ class CitadelMiddleware:
                 await send(message)
 
         try:
-            ctx.caller = caller = self.auth.caller_for(api_key)
+            caller = self.auth.caller_for(api_key)
+            if self.limiter is not None:
+                client = scope.get("client")
+                address = client[0] if client else "unknown"
+                await self.limiter.check_address(address)
+                if caller is None:
+                    await self.limiter.hit_auth_failure(address)
             if caller is None:
-                if self.limiter is not None:
-                    client = scope.get("client")
-                    await self.limiter.hit_auth_failure(client[0] if client else "unknown")
                 raise Unauthenticated()
+            ctx.caller = caller
             if user is not None:
                 if not USER_ID.match(user):
                     raise InvalidRequest("X-User-ID must be 1 to 128 of A-Za-z0-9_.:@-.")

@@ -1,13 +1,213 @@
-"""Rate limits (issue 4): placeholder interface used by the middleware."""
+"""Rate limits on the ``limits`` library's async API, shared through Redis when configured.
+
+Three budgets, as the contract names them: per authenticated caller (encrypt
+and decrypt together), per end user (``X-User-ID``, across callers) and per
+client address for failed authentications. An address over its failure budget
+gets 429 whatever key it sends next, so that a guess that happens to be right
+is not confirmed to a guesser.
+
+Why not slowapi on the request path: its ``Limiter`` calls the storage
+synchronously, on the event loop, so a slow Redis would stall every request,
+``/health`` included; and ``SlowAPIMiddleware`` is a ``BaseHTTPMiddleware``.
+Citadel uses the same ``limits`` strategies and storage URIs slowapi would,
+through ``limits.aio``, from its own plain-ASGI middleware.
+
+When Redis cannot be reached (an error, or no answer within ``timeout_s``),
+Citadel keeps serving on per-instance in-memory limits, logs it once, reports
+``degraded`` on ``/health`` and in ``citadel_rate_limit_storage_degraded``, and
+probes Redis in the background to go back to it.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import contextlib
+import math
+import time
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.storage import Storage
+from limits.aio.strategies import FixedWindowRateLimiter
+from limits.storage import storage_from_string
+
+from citadel.config import Settings
+from citadel.errors import RateLimited
+from citadel.metrics import Metrics
+
+log = structlog.get_logger("citadel")
+
+RECOVERY_PROBE_S = 2.0
 
 
-class RateLimiter(Protocol):
-    degraded: bool
+class LocalWindows:
+    """Fixed windows in process memory: the same semantics as ``limits``' fixed window.
 
-    async def hit_auth_failure(self, address: str) -> None: ...
+    A window opens at a key's first hit and lasts the limit's period. This is
+    the per-instance storage (and the fallback when Redis is away): a dict and
+    two comparisons, where ``limits.aio``'s memory storage costs an asyncio lock
+    and several coroutine hops per hit, a measurable share of a request here.
+    Only the event loop's thread touches it.
+    """
 
-    async def hit_caller(self, caller: str, user: str | None) -> None: ...
+    __slots__ = ("_hits_since_sweep", "_windows")
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, str], list[float]] = {}
+        self._hits_since_sweep = 0
+
+    def hit(self, limit: RateLimitItem, scope: str, ident: str) -> bool:
+        now = time.monotonic()
+        window = self._windows.get((scope, ident))
+        if window is None or window[1] <= now:
+            self._sweep(now)
+            self._windows[(scope, ident)] = [1, now + limit.get_expiry()]
+            return limit.amount >= 1
+        if window[0] >= limit.amount:
+            return False
+        window[0] += 1
+        return True
+
+    def test(self, limit: RateLimitItem, scope: str, ident: str) -> bool:
+        window = self._windows.get((scope, ident))
+        return window is None or window[1] <= time.monotonic() or window[0] < limit.amount
+
+    def reset_at(self, limit: RateLimitItem, scope: str, ident: str) -> float:
+        """Wall-clock time at which the key's window ends."""
+        window = self._windows.get((scope, ident))
+        left = window[1] - time.monotonic() if window else limit.get_expiry()
+        return time.time() + max(0.0, left)
+
+    def _sweep(self, now: float) -> None:
+        # Bounded memory: drop ended windows every so often as keys come and go.
+        self._hits_since_sweep += 1
+        if self._hits_since_sweep >= 1024:
+            self._hits_since_sweep = 0
+            self._windows = {k: w for k, w in self._windows.items() if w[1] > now}
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        timeout_s: float = 0.5,
+        recovery_probe_s: float = RECOVERY_PROBE_S,
+    ) -> None:
+        self._limits: dict[str, RateLimitItem] = {
+            "caller": parse(settings.rate_limit_per_caller),
+            "user": parse(settings.rate_limit_per_user),
+            "auth": parse(settings.rate_limit_auth_failures),
+        }
+        self._metrics = metrics
+        self._rejected = {scope: metrics.rate_limited.labels(scope) for scope in self._limits}
+        self._timeout = timeout_s
+        self._probe_every = recovery_probe_s
+        self._memory = LocalWindows()
+        self._shared_storage: Storage | None = None
+        self._shared: FixedWindowRateLimiter | None = None
+        uri = settings.rate_limit_storage_uri
+        if not uri.startswith("memory://"):
+            storage = storage_from_string(
+                "async+" + uri,
+                wrap_exceptions=True,
+                connect_timeout=timeout_s,
+                stream_timeout=timeout_s,
+            )
+            assert isinstance(storage, Storage)
+            self._shared_storage = storage
+            self._shared = FixedWindowRateLimiter(storage)
+        self.degraded = False
+        self._recovery: asyncio.Task[None] | None = None
+        metrics.limiter_degraded.set(0)
+
+    @property
+    def shared(self) -> bool:
+        return self._shared is not None
+
+    async def start(self) -> None:
+        """Check the shared storage once, so an unreachable Redis shows at start-up."""
+        if self._shared_storage is not None and not await self._check():
+            self._degrade()
+
+    async def aclose(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+
+    async def check_address(self, address: str) -> None:
+        """Raise ``RateLimited`` if ``address`` is over its failed-authentication budget."""
+        if not await self._call("test", "auth", address):
+            await self._reject("auth", address)
+
+    async def hit_auth_failure(self, address: str) -> None:
+        """Count a failed authentication; raise ``RateLimited`` once over budget."""
+        if not await self._call("hit", "auth", address):
+            await self._reject("auth", address)
+
+    async def hit_caller(self, caller: str, user: str | None) -> None:
+        """Spend one unit of the caller's budget and, with a user id, of the user's."""
+        if not await self._call("hit", "caller", caller):
+            await self._reject("caller", caller)
+        if user is not None and not await self._call("hit", "user", user):
+            await self._reject("user", user)
+
+    async def _call(self, method: str, scope: str, ident: str) -> bool:
+        limit = self._limits[scope]
+        if self._shared is not None and not self.degraded:
+            try:
+                return bool(
+                    await asyncio.wait_for(
+                        getattr(self._shared, method)(limit, scope, ident), self._timeout
+                    )
+                )
+            except Exception:
+                # Any trouble with the shared storage means: fall back, never fail.
+                self._degrade()
+        return bool(getattr(self._memory, method)(limit, scope, ident))
+
+    async def _reject(self, scope: str, ident: str) -> None:
+        self._rejected[scope].inc()
+        limit = self._limits[scope]
+        reset_at = self._memory.reset_at(limit, scope, ident)
+        if self._shared is not None and not self.degraded:
+            with contextlib.suppress(Exception):
+                stats = await asyncio.wait_for(
+                    self._shared.get_window_stats(limit, scope, ident), self._timeout
+                )
+                reset_at = stats.reset_time
+        retry_after = max(1, math.ceil(reset_at - time.time()))
+        raise RateLimited(
+            retry_after=retry_after,
+            headers=(
+                ("X-RateLimit-Limit", str(limit.amount)),
+                ("X-RateLimit-Remaining", "0"),
+                ("X-RateLimit-Reset", str(math.ceil(reset_at))),
+            ),
+        )
+
+    def _degrade(self) -> None:
+        if self.degraded:
+            return
+        self.degraded = True
+        self._metrics.limiter_degraded.set(1)
+        log.error("rate_limit_storage_unreachable", fallback="per-instance memory limits")
+        self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_every)
+            if await self._check():
+                self.degraded = False
+                self._metrics.limiter_degraded.set(0)
+                log.warning("rate_limit_storage_recovered")
+                return
+
+    async def _check(self) -> bool:
+        assert self._shared_storage is not None
+        try:
+            return bool(await asyncio.wait_for(self._shared_storage.check(), self._timeout))
+        except Exception:
+            return False
