@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Served, make_settings, serve_citadel
+from support import RedisServer, Served, make_settings, serve_citadel
 
 from citadel.config import Settings
 
@@ -23,3 +23,12 @@ def citadel(settings: Settings) -> Iterator[Served]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
