@@ -149,13 +149,10 @@ class CitadelMiddleware:
 
         try:
             caller = self.auth.caller_for(api_key)
-            if self.limiter is not None:
-                client = scope.get("client")
-                address = client[0] if client else "unknown"
-                await self.limiter.check_address(address)
-                if caller is None:
-                    await self.limiter.hit_auth_failure(address)
             if caller is None:
+                if self.limiter is not None:
+                    client = scope.get("client")
+                    await self.limiter.hit_auth_failure(client[0] if client else "unknown")
                 raise Unauthenticated()
             ctx.caller = caller
             if user is not None:

@@ -2,9 +2,12 @@
 
 Three budgets, as the contract names them: per authenticated caller (encrypt
 and decrypt together), per end user (``X-User-ID``, across callers) and per
-client address for failed authentications. An address over its failure budget
-gets 429 whatever key it sends next, so that a guess that happens to be right
-is not confirmed to a guesser.
+client address for failed authentications. Only requests without a valid key
+touch the address budget: a caller with a valid key behind the same address
+(a NAT, a shared proxy) keeps working while a guesser next to it is refused,
+and a valid request costs no extra round trip to Redis. Keys from
+``citadel keygen`` are 256-bit random, so a guess that happens to be right is
+not a practical risk.
 
 Why not slowapi on the request path: its ``Limiter`` calls the storage
 synchronously, on the event loop, so a slow Redis would stall every request,
@@ -136,11 +139,6 @@ class RateLimiter:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery
-
-    async def check_address(self, address: str) -> None:
-        """Raise ``RateLimited`` if ``address`` is over its failed-authentication budget."""
-        if not await self._call("test", "auth", address):
-            await self._reject("auth", address)
 
     async def hit_auth_failure(self, address: str) -> None:
         """Count a failed authentication; raise ``RateLimited`` once over budget."""

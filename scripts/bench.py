@@ -243,11 +243,203 @@ def run_local(
     return rows
 
 
+@contextmanager
+def redis_server() -> Iterator[int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def latency_proxy(target_port: int, delay_s: float) -> Iterator[int]:
+    """A TCP proxy that delays every chunk by ``delay_s`` in each direction."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    ready: list[int] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await asyncio.sleep(delay_s)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        r2, w2 = await asyncio.open_connection("127.0.0.1", target_port)
+        await asyncio.gather(pipe(reader, w2), pipe(r2, writer))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ready.append(server.sockets[0].getsockname()[1])
+        await server.serve_forever()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    while not ready:
+        time.sleep(0.01)
+    yield ready[0]
+
+
+def health_under_load(url: str, args: argparse.Namespace) -> Result:
+    """p99 of /health (4 connections, wrk) while /encrypt is loaded (32 connections)."""
+    import threading
+
+    results: list[Result] = []
+    loader = threading.Thread(
+        target=lambda: results.append(
+            wrk(
+                url,
+                "/encrypt",
+                {"plaintext": PLAINTEXT},
+                SENTINEL,
+                args.duration + 2,
+                args.connections,
+            )
+        )
+    )
+    loader.start()
+    time.sleep(1)
+    out = subprocess.run(
+        ["wrk", "-t1", "-c4", f"-d{args.duration}s", "--latency", url + "/health"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    loader.join()
+
+    def ms(label: str) -> float:
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return Result("", rps, ms("50"), ms("99"), 0)
+
+
+def run_redis(args: argparse.Namespace, load: Callable[..., Result], work: Path) -> None:
+    """Issue 4's figures: memory vs Redis limits, and /health with 100 ms in front of Redis."""
+    rows: list[tuple[str, Result]] = []
+    with redis_server() as port:
+        for label, uri in (("memory://", "memory://"), ("redis", f"redis://127.0.0.1:{port}/0")):
+            env = citadel_env(work, CITADEL_RATE_LIMIT_STORAGE_URI=uri)
+            with server(
+                ["citadel.app:app_from_env", "--factory"], env, work, work / "c.log"
+            ) as url:
+                r = measure(
+                    load,
+                    f"citadel /encrypt, limits in {label}",
+                    url,
+                    "/encrypt",
+                    {"plaintext": PLAINTEXT},
+                    SENTINEL,
+                    args,
+                )
+                rows.append((label, r))
+        if shutil.which("wrk"):
+            health: list[Result] = []
+            with latency_proxy(port, 0.1) as proxy_port:
+                for label, p in (("redis direct", port), ("redis +100 ms", proxy_port)):
+                    env = citadel_env(
+                        work, CITADEL_RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{p}/0"
+                    )
+                    with server(
+                        ["citadel.app:app_from_env", "--factory"], env, work, work / "h.log"
+                    ) as url:
+                        h = health_under_load(url, args)
+                        h.name = f"/health under /encrypt load, {label}"
+                        health.append(h)
+    memory, redis = rows[0][1], rows[1][1]
+    print()
+    print(f"{'rate-limit storage':44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for _label, r in rows:
+        print(f"{r.name:44} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f}")
+    per_req_mem, per_req_redis = 1e6 / memory.rps, 1e6 / redis.rps
+    print(
+        f"{'':44} Redis adds {per_req_redis - per_req_mem:.0f} us per request "
+        f"({1 - redis.rps / memory.rps:.0%} of memory-storage throughput)"
+    )
+    print(
+        f"{'':44} in-process limiter cost: {limiter_cost_us():.1f} us per request (memory storage)"
+    )
+    if shutil.which("wrk"):
+        for h in health:
+            print(f"{h.name:44} {h.rps:9.0f} {h.p50_ms:8.2f} {h.p99_ms:8.2f}")
+        print(
+            f"{'':44} /health p99 rise with 100 ms Redis latency: {health[1].p99_ms - health[0].p99_ms:+.2f} ms"
+        )
+
+
+def limiter_cost_us() -> float:
+    """The in-memory limiter's own cost for one authenticated request with a user id."""
+    from citadel.config import Settings
+    from citadel.metrics import Metrics
+    from citadel.ratelimit import RateLimiter
+
+    limiter = RateLimiter(
+        Settings(_env_file=None, rate_limit_per_caller=UNLIMITED, rate_limit_per_user=UNLIMITED),
+        Metrics(),
+    )  # type: ignore[call-arg]
+
+    async def run(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            await limiter.hit_caller("sentinel", f"user{i % 100}")
+        return (time.perf_counter() - start) / n * 1e6
+
+    return asyncio.run(run(50_000))
+
+
+def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: Path) -> None:
+    try:
+        import evervault_emulator  # noqa: F401
+    except ImportError:
+        print("\n(evervault scenario skipped: no evervault_emulator package)")
+        return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--loader", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=["local", "redis", "evervault"],
+        help="repeatable; default: all whose tools are present",
+    )
     args = parser.parse_args()
     use_wrk = args.loader == "wrk" or (args.loader == "auto" and shutil.which("wrk"))
     load = wrk if use_wrk else pyload
@@ -257,9 +449,14 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        args.citadel_env, args.label = {}, "local provider, memory limits"
-        rows = run_local(args, load, work)
-    report(rows)
+        scenarios = args.scenario or ["local", "redis", "evervault"]
+        if "local" in scenarios:
+            args.citadel_env, args.label = {}, "local provider, memory limits"
+            report(run_local(args, load, work))
+        if "redis" in scenarios and shutil.which("redis-server"):
+            run_redis(args, load, work)
+        if "evervault" in scenarios:
+            run_evervault(args, load, work)
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def test_auth_failures_are_limited_per_address(limited: Any) -> None:
         with s.client() as c:
             results = [c.post("/encrypt", json={"plaintext": "x"}, headers=bad) for _ in range(4)]
             assert codes(results) == [401, 401, 401, 429]
-            # once over budget, even a right key from this address is refused
-            assert enc(c).status_code == 429
+            # a valid key behind the same address is not locked out by a guesser
+            assert enc(c).status_code == 200
         other = httpx.HTTPTransport(local_address="127.0.0.2")
         with s.client(transport=other) as c2:
             assert enc(c2).status_code == 200
