@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# Citadel: multi-stage, non-root, read-only-root-filesystem friendly.
+#   docker build -t citadel .
+#   docker run --read-only --tmpfs /tmp -v citadel-data:/var/lib/citadel --env-file .env -p 8004:8004 citadel
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY docker/install docker/install
+COPY pyproject.toml ./
+# Dependencies only: this layer is rebuilt only when pyproject.toml changes.
+RUN docker/install deps /opt/venv
+COPY README.md ./
+COPY citadel ./citadel
+RUN docker/install app /opt/venv
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/citadel --create-home citadel
+COPY --from=build /opt/venv /opt/venv
+# The keyring and, in development, the generated keys live on the data volume;
+# nothing else is written, so the root filesystem can be read-only.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CITADEL_LOCAL_KEYRING=/var/lib/citadel/keyring.json
+WORKDIR /var/lib/citadel
+VOLUME ["/var/lib/citadel"]
+USER 10001:10001
+EXPOSE 8004
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8004/health', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+CMD ["citadel", "serve", "--host", "0.0.0.0", "--port", "8004"]
