@@ -20,7 +20,7 @@ from citadel.middleware import CitadelMiddleware
 from citadel.providers.base import Provider
 from citadel.providers.local import LocalProvider
 from citadel.ratelimit import RateLimiter
-from citadel.security import Authenticator, resolve_api_keys
+from citadel.security import Authenticator, KeyFileWatcher, resolve_api_keys
 from citadel.service import Vault
 from citadel.status import VERSION, StatusReport
 
@@ -61,6 +61,7 @@ def create_app(
         raise SettingError("CITADEL_DOCS", "must be off in production")
     keys, dev_keys_file = resolve_api_keys(settings)
     authenticator = Authenticator.build(keys, settings.acl)
+    key_watcher = KeyFileWatcher(settings, authenticator)
     if dev_keys_file is not None:
         log.warning("dev_api_keys_in_use", path=str(dev_keys_file))
     pseudonymize = Pseudonymizer(pseudonym_key(settings))
@@ -74,10 +75,12 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await provider.start()
         await limiter.start()
+        await key_watcher.start()
         log.info("citadel_started", provider=provider.name, env=settings.env, version=VERSION)
         try:
             yield
         finally:
+            await key_watcher.aclose()
             await limiter.aclose()
             await provider.aclose()
 

@@ -9,6 +9,8 @@ needed, and the cost of a check does not grow with the number of keys.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -16,8 +18,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from citadel.config import Operation, SettingError, Settings
 from citadel.fileio import create_once
+
+log = structlog.get_logger("citadel")
 
 HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 DEV_CALLERS = ("sentinel", "conductor")
@@ -36,7 +42,17 @@ def _digest(entry: str) -> bytes:
     return hashlib.sha256(entry.encode()).digest()
 
 
-@dataclass(frozen=True, slots=True)
+def _digests(keys: dict[str, list[str]]) -> dict[bytes, str]:
+    by_digest: dict[bytes, str] = {}
+    for caller, entries in keys.items():
+        for entry in entries:
+            owner = by_digest.setdefault(_digest(entry), caller)
+            if owner != caller:
+                raise SettingError("CITADEL_API_KEYS", "gives one key to two callers")
+    return by_digest
+
+
+@dataclass(slots=True)
 class Authenticator:
     """Maps a presented ``X-Internal-API-Key`` to a caller name and checks the ACL."""
 
@@ -45,14 +61,11 @@ class Authenticator:
 
     @classmethod
     def build(cls, keys: dict[str, list[str]], acl: dict[str, list[Operation]]) -> Authenticator:
-        by_digest: dict[bytes, str] = {}
-        for caller, entries in keys.items():
-            for entry in entries:
-                digest = _digest(entry)
-                owner = by_digest.setdefault(digest, caller)
-                if owner != caller:
-                    raise SettingError("CITADEL_API_KEYS", "gives one key to two callers")
-        return cls(by_digest, {c: frozenset(ops) for c, ops in acl.items()})
+        return cls(_digests(keys), {c: frozenset(ops) for c, ops in acl.items()})
+
+    def replace_keys(self, keys: dict[str, list[str]]) -> None:
+        """Swap in a new key set; one reference assignment, so requests see old or new."""
+        self._by_digest = _digests(keys)
 
     def __repr__(self) -> str:
         return f"Authenticator(callers={sorted(set(self._by_digest.values()))!r})"
@@ -96,3 +109,55 @@ def resolve_api_keys(settings: Settings) -> tuple[dict[str, list[str]], Path | N
     except (OSError, ValueError):
         raise SettingError("CITADEL_API_KEYS", f"is unset and {path} is unreadable") from None
     return {str(c): [str(k) for k in v] for c, v in doc.items()}, path
+
+
+class KeyFileWatcher:
+    """Reloads ``CITADEL_API_KEYS_FILE`` when it changes, so keys rotate without a restart.
+
+    The file is checked every ``interval_s`` (a ``stat`` call). A file that
+    cannot be read or parsed is logged and ignored: the keys in force stay.
+    """
+
+    def __init__(
+        self, settings: Settings, authenticator: Authenticator, interval_s: float = 2.0
+    ) -> None:
+        self._settings = settings
+        self._auth = authenticator
+        self._interval = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[float, int] | None:
+        path = self._settings.api_keys_file
+        try:
+            st = path.stat() if path else None
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size) if st else None
+
+    async def start(self) -> None:
+        if self._settings.api_keys_file is not None:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            stamp = self._stamp()
+            if stamp is None or stamp == self._seen:
+                continue
+            self._seen = stamp
+            try:
+                keys, _ = resolve_api_keys(self._settings)
+                self._auth.replace_keys(keys)
+            except SettingError as exc:
+                log.error("api_keys_reload_failed", problem=str(exc))
+                continue
+            log.warning(
+                "api_keys_reloaded", keys_per_caller={c: len(k) for c, k in sorted(keys.items())}
+            )
