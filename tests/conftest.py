@@ -7,6 +7,7 @@ import pytest
 from support import RedisServer, Served, make_settings, serve_citadel
 
 from citadel.config import Settings
+from evervault_emulator import EvervaultEmulator
 
 
 @pytest.fixture
@@ -32,3 +33,9 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def emulator() -> Iterator[EvervaultEmulator]:
+    with EvervaultEmulator() as emu:
+        yield emu

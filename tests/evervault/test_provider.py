@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import evervault.crypto.client as sdk_crypto
 import httpx
 import pytest
 from support import Served, headers, make_settings, serve_citadel, wait_until
 
-import evervault.crypto.client as sdk_crypto
 from citadel.metrics import Metrics
 from citadel.providers.evervault import EvervaultProvider
 from evervault_emulator import EvervaultEmulator
@@ -136,7 +136,7 @@ def test_five_500s_open_the_breaker_and_it_recovers(
         sixth = decrypt(c, ct)
         assert sixth.status_code == 503
         assert emulator.calls("decrypt") == 5  # failed fast, never reached Evervault
-        assert encrypt(c, "encrypt still works") .startswith("ev:")
+        assert encrypt(c, "encrypt still works").startswith("ev:")
         assert 'citadel_breaker_state{provider="evervault"} 2.0' in c.get("/metrics").text
         emulator.clear_faults()
         wait_until(lambda: decrypt(c, ct).status_code == 200, timeout=5)
@@ -149,7 +149,10 @@ def test_five_500s_open_the_breaker_and_it_recovers(
 
 
 def test_dropped_connections_count_as_failures(tmp_path: Path, emulator: EvervaultEmulator) -> None:
-    with ready_citadel(tmp_path, emulator, breaker_fail_max=2, breaker_reset_s=30) as s, s.client() as c:
+    with (
+        ready_citadel(tmp_path, emulator, breaker_fail_max=2, breaker_reset_s=30) as s,
+        s.client() as c,
+    ):
         ct = encrypt(c)
         emulator.set_fault("decrypt", drop=True)
         assert [decrypt(c, ct).status_code for _ in range(3)] == [503, 503, 503]
