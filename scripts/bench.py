@@ -421,12 +421,105 @@ def limiter_cost_us() -> float:
     return asyncio.run(run(50_000))
 
 
-def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: Path) -> None:
+@contextmanager
+def emulator_process(work: Path) -> Iterator[tuple[str, str, str]]:
+    port = free_port()
+    app_id, api_key = "app_bench00000001", "ev:key:1:bench"
+    proc = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "evervault_emulator",
+            "--port",
+            str(port),
+            "--app-id",
+            app_id,
+            "--api-key",
+            api_key,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
     try:
-        import evervault_emulator  # noqa: F401
-    except ImportError:
-        print("\n(evervault scenario skipped: no evervault_emulator package)")
-        return
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(url + "_emulator/stats", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url, app_id, api_key
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: Path) -> None:
+    """Issue 3's figures: /encrypt on the evervault provider, /decrypt at 50 ms upstream latency."""
+    with emulator_process(work) as (emu_url, app_id, api_key):
+        env = citadel_env(
+            work,
+            CITADEL_PROVIDER="evervault",
+            EVERVAULT_APP_ID=app_id,
+            EVERVAULT_API_KEY=api_key,
+            EVERVAULT_API_URL=emu_url,
+        )
+        with server(
+            ["scripts.bare_app:app"], citadel_env(work), ROOT, work / "bare.log"
+        ) as bare_url:
+            bare = measure(
+                load,
+                "bare FastAPI /encrypt (validate only)",
+                bare_url,
+                "/encrypt",
+                {"plaintext": PLAINTEXT},
+                SENTINEL,
+                args,
+            )
+        with server(["citadel.app:app_from_env", "--factory"], env, work, work / "ev.log") as url:
+            deadline = time.monotonic() + 20
+            while httpx.get(url + "/ready").status_code != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("evervault provider not ready")
+                time.sleep(0.1)
+            enc = measure(
+                load,
+                "citadel /encrypt (evervault provider)",
+                url,
+                "/encrypt",
+                {"plaintext": PLAINTEXT},
+                SENTINEL,
+                args,
+            )
+            ct = httpx.post(
+                url + "/encrypt",
+                json={"plaintext": PLAINTEXT},
+                headers={"X-Internal-API-Key": SENTINEL},
+            ).json()["encrypted_data"]
+            httpx.post(emu_url + "_emulator/faults", json={"path": "decrypt", "latency_ms": 50})
+            conns = args.connections
+            args.connections = 64
+            dec = measure(
+                load,
+                "citadel /decrypt (evervault, 50 ms upstream)",
+                url,
+                "/decrypt",
+                {"encrypted_data": ct},
+                CONDUCTOR,
+                args,
+            )
+            args.connections = conns
+    print()
+    report([(enc, bare)])
+    ideal = 64 / 0.05
+    print(
+        f"{dec.name:44} {dec.rps:9.0f} {dec.p50_ms:8.2f} {dec.p99_ms:8.2f} {dec.errors:7d}"
+        f" {dec.rps / ideal:>7.0%}"
+    )
+    print(f"{'':44} ratio to the ideal 64 / 0.05 s = {ideal:.0f} req/s")
 
 
 def main() -> None:

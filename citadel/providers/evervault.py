@@ -147,6 +147,11 @@ class EvervaultProvider:
         session: requests.Session = self._client.request_handler.request.http_session
         session.mount("https://", adapter)
         session.mount("http://", adapter)
+        # With trust_env, requests re-reads proxy variables and ~/.netrc on every
+        # call, a large share of a decrypt's CPU here. Resolve the proxies for
+        # Evervault's URL once instead; they do not change while Citadel runs.
+        session.proxies.update(requests.utils.get_environ_proxies(self._client.base_url))
+        session.trust_env = False
 
     # -- lifecycle -----------------------------------------------------------
 
