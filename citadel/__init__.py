@@ -5,6 +5,7 @@ Callers import the client and the errors from here::
     from citadel import CitadelClient, InvalidCiphertext
 """
 
+from citadel.client import AsyncCitadelClient, CitadelClient, CitadelConnectionError, Plaintext
 from citadel.errors import (
     AuditUnavailable,
     CitadelError,
@@ -18,12 +19,16 @@ from citadel.errors import (
 )
 
 __all__ = [
+    "AsyncCitadelClient",
     "AuditUnavailable",
+    "CitadelClient",
+    "CitadelConnectionError",
     "CitadelError",
     "Forbidden",
     "InvalidCiphertext",
     "InvalidRequest",
     "PayloadTooLarge",
+    "Plaintext",
     "ProviderUnavailable",
     "RateLimited",
     "Unauthenticated",
