@@ -75,6 +75,9 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI's wording for a body it could not read; same meaning as a 422.
             return error_response(InvalidRequest(), request)
         code = _STATUS_CODES.get(exc.status_code, "http_error")
+        ctx: RequestContext | None = request.scope.get("citadel")
+        if ctx is not None:
+            ctx.code = code
         body = orjson.dumps({"detail": _plain_detail(exc.status_code), "code": code})
         headers = dict(exc.headers or {})
         return Response(body, exc.status_code, headers=headers, media_type="application/json")

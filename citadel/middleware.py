@@ -105,7 +105,7 @@ class CitadelMiddleware:
             if request_id is not None and REQUEST_ID.match(request_id)
             else self._new_request_id()
         )
-        operation = OPERATIONS.get(scope["path"]) if scope["method"] == "POST" else None
+        operation = OPERATIONS.get(scope["path"])
         ctx = RequestContext(rid, operation)
         scope["citadel"] = ctx
         rid_header = (b"x-request-id", rid.encode())
@@ -160,7 +160,8 @@ class CitadelMiddleware:
                     raise InvalidRequest("X-User-ID must be 1 to 128 of A-Za-z0-9_.:@-.")
                 ctx.user_pseudonym = self.pseudonymize(user.decode())
             if self.limiter is not None:
-                await self.limiter.hit_caller(caller, user.decode() if user else None)
+                # Budgets are keyed by the pseudonym: no raw user id reaches Redis.
+                await self.limiter.hit_caller(caller, ctx.user_pseudonym)
             if length is None:
                 receive = await self._buffer_body(receive)
             elif not length.isdigit():

@@ -118,3 +118,31 @@ def test_redaction_replaces_values_of_secret_named_keys(key: str) -> None:
     out = redact(None, "info", event)
     assert "canary" not in repr(out)
     assert out["keep"] == "visible"
+
+
+def test_wrong_method_on_an_operation_path_is_audited(citadel: Served) -> None:
+    with citadel.client() as c:
+        r = c.get("/encrypt", headers=headers("sentinel"))
+    assert r.status_code == 405
+    [event] = citadel.audit.events()
+    assert (event["requestor"], event["code"]) == ("sentinel", "method_not_allowed")
+
+
+def test_rate_limit_keys_hold_pseudonyms_not_user_ids(tmp_path: Any, redis_server: Any) -> None:
+    import socket
+
+    from support import make_settings, serve_citadel
+
+    settings = make_settings(tmp_path, rate_limit_storage_uri=redis_server.url)
+    with serve_citadel(settings) as s, s.client() as c:
+        c.post(
+            "/encrypt",
+            json={"plaintext": "x"},
+            headers=headers("sentinel", X_User_ID="alice-raw-id"),
+        )
+    with socket.create_connection(("127.0.0.1", redis_server.port)) as conn:
+        conn.sendall(b"KEYS *\r\n")
+        keys = conn.recv(65536).decode()
+    assert "sentinel" in keys
+    assert "alice-raw-id" not in keys
+    assert Pseudonymizer(PSEUDONYM_KEY.encode())("alice-raw-id") in keys
