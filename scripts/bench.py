@@ -70,7 +70,7 @@ def wait_ready(url: str, path: str = "/health", timeout: float = 30) -> None:
     while time.monotonic() < deadline:
         try:
             r = httpx.get(url + path, timeout=1)
-            if r.status_code < 500 or path == "/openapi.json":
+            if r.status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -483,11 +483,7 @@ def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: P
                 args,
             )
         with server(["citadel.app:app_from_env", "--factory"], env, work, work / "ev.log") as url:
-            deadline = time.monotonic() + 20
-            while httpx.get(url + "/ready").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("evervault provider not ready")
-                time.sleep(0.1)
+            wait_ready(url, "/ready")
             enc = measure(
                 load,
                 "citadel /encrypt (evervault provider)",
@@ -518,11 +514,7 @@ def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: P
         with server(
             ["citadel.app:app_from_env", "--factory"], env, work, work / "ev2.log", workers=2
         ) as url:
-            deadline = time.monotonic() + 20
-            while httpx.get(url + "/ready").status_code != 200:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("evervault provider not ready")
-                time.sleep(0.1)
+            wait_ready(url, "/ready")
             args.connections = 64
             dec2 = measure(
                 load,
