@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import evervault
 import evervault.crypto.client as sdk_crypto
 import httpx
 import pytest
@@ -262,3 +263,40 @@ def test_sdk_encrypt_is_safe_under_concurrent_re_derivation(
             r = client.post(emulator.url + "decrypt", json={"data": [ct for _, ct in batch]})
             assert r.status_code == 200, r.text
             assert r.json()["data"] == [p for p, _ in batch]
+
+
+def test_the_unguarded_sdk_pairs_one_calls_key_with_anothers_header(
+    emulator: EvervaultEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why the lock exists: the SDK's race, reproduced deterministically in one thread.
+
+    Another encryption that re-derives the key is run at the exact moment the
+    first has read ``shared_key`` but not yet ``compressed_public_key``, as a
+    second thread could. The first ciphertext then names the second's
+    ephemeral key: nobody can decrypt it.
+    """
+    client = evervault.Client(
+        app_uuid=emulator.app_id, api_key=emulator.api_key, base_url=emulator.url
+    )
+    client.encrypt("warm-up", None)
+    monkeypatch.setattr(sdk_crypto, "KEY_INTERVAL", -1)
+    real_aesgcm = sdk_crypto.AESGCM
+    interleaved: list[str] = []
+    started = []
+
+    def aesgcm_then_interleave(key: bytes) -> Any:
+        cipher = real_aesgcm(key)
+        if not started:
+            started.append(True)
+            interleaved.append(client.encrypt("the other thread", None))
+        return cipher
+
+    monkeypatch.setattr(sdk_crypto, "AESGCM", aesgcm_then_interleave)
+    broken = client.encrypt("lost forever", None)
+    monkeypatch.setattr(sdk_crypto, "AESGCM", real_aesgcm)
+    auth = base64.b64encode(f"{emulator.app_id}:{emulator.api_key}".encode()).decode()
+    r = httpx.post(
+        emulator.url + "decrypt", json={"data": broken}, headers={"Authorization": f"Basic {auth}"}
+    )
+    assert r.status_code == 422
+    assert broken.split(":")[3] == interleaved[0].split(":")[3]  # the other call's header
