@@ -123,3 +123,34 @@ def test_a_successful_round_trip_leaks_nothing_but_its_own_response(
     for text in (audit, metrics, out, err, ct):
         for canary in canaries():
             assert canary not in text
+
+
+def test_no_canary_on_rate_limited_and_audit_failure_paths(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        log_level="debug",
+        rate_limit_per_caller="1/minute",
+        rate_limit_per_user="1/minute",
+    )
+    configure_logging(settings)
+    s = {"X-Internal-API-Key": KEYS["sentinel"], "X-User-ID": USER}
+    with serve_citadel(settings) as served, served.client() as c:
+        responses = [c.post("/encrypt", json={"plaintext": PLAIN}, headers=s) for _ in range(3)]
+        served.audit.fail = True
+        responses.append(
+            c.post(
+                "/encrypt",
+                json={"plaintext": PLAIN},
+                headers={"X-Internal-API-Key": KEYS["alchemist"]},
+            )
+        )
+        served.audit.fail = False
+        metrics = c.get("/metrics").text
+        audit = served.audit.text()
+    out, err = capfd.readouterr()
+    assert [r.status_code for r in responses] == [200, 429, 429, 503]
+    for text in ("\n".join(r.text for r in responses[1:]), audit, metrics, out, err):
+        for canary in canaries():
+            assert canary not in text

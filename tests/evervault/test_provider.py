@@ -300,3 +300,30 @@ def test_the_unguarded_sdk_pairs_one_calls_key_with_anothers_header(
     )
     assert r.status_code == 422
     assert broken.split(":")[3] == interleaved[0].split(":")[3]  # the other call's header
+
+
+def test_no_canary_on_evervault_error_paths(
+    tmp_path: Path, emulator: EvervaultEmulator, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from citadel.audit import configure_logging
+
+    canary = "CANARY-EV-PLAINTEXT-31"
+    settings = ev_settings(
+        tmp_path, emulator, breaker_fail_max=2, breaker_reset_s=30, log_level="debug"
+    )
+    configure_logging(settings)
+    with serve_citadel(settings) as s, s.client() as c:
+        wait_until(lambda: c.get("/ready").status_code == 200)
+        ct = encrypt(c, canary)
+        responses = []
+        for status in (422, 500, 500, None):
+            if status:
+                emulator.set_fault("decrypt", status=status, count=1)
+            responses.append(decrypt(c, ct))
+        emulator.set_fault("decrypt", drop=True)
+        metrics = c.get("/metrics").text
+        audit = s.audit.text()
+    out, err = capfd.readouterr()
+    assert [r.status_code for r in responses] == [400, 503, 503, 503]
+    for text in ("\n".join(r.text for r in responses), audit, metrics, out, err):
+        assert canary not in text
