@@ -13,13 +13,26 @@ Conductor::
         # here the Plaintext holds nothing any more
 
 Errors are the classes of :mod:`citadel.errors`, one per contract code, plus
-:class:`CitadelConnectionError` when Citadel could not be reached. Retries
-happen only where they are safe and useful: on 503 and 429 answers and on
-connection errors, with exponential backoff (1, 2, 4, 8, 16, 16 … s, each
-scaled by a random factor between 0.75 and 1.25), or after exactly
-``Retry-After`` seconds when Citadel says so, until the call's ``deadline``
-would be passed; then the last error is raised. Encrypting again is safe (it
-makes a new ciphertext and changes nothing), and decrypting is idempotent.
+:class:`CitadelConnectionError` when Citadel could not be reached. An answer
+without a known code (a proxy's HTML page, say) is a plain
+:class:`~citadel.errors.CitadelError` whose ``status`` is the HTTP status.
+No error carries the plaintext, the ciphertext or the API key, and none is
+chained to the httpx exception behind it (whose request holds all three).
+
+Retries happen only where they are safe and useful: on 503 and 429 answers
+and on connection errors and timeouts. Attempt *n* (from 0) is followed by a
+wait of ``min(16, 2**n)`` seconds, scaled by a random factor in
+[0.75, 1.25) so that many clients do not retry in step: about 1, 2, 4, 8, 16,
+16 … s. When the answer has ``Retry-After``, the wait is exactly that many
+seconds instead. A wait that would reach the call's ``deadline`` is not
+started: the last error is raised. Each attempt's timeout is also cut to
+what is left of the deadline, so a call never runs much past it. Encrypting
+again is safe (it makes a new ciphertext and changes nothing), and decrypting
+is idempotent.
+
+The clients keep no plaintext: a request body lives for one call, a response
+for one attempt (it is closed before the next), and the API key is set once,
+in the connection pool's default headers. They log nothing.
 """
 
 from __future__ import annotations
@@ -27,23 +40,38 @@ from __future__ import annotations
 import hmac
 import json
 import random as _random
+import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Final, NoReturn, Self
 
 import anyio
 import httpx
 
-from citadel.errors import CitadelError, error_for_code
+from citadel.errors import CitadelError, InvalidRequest, error_for_code
 
 __all__ = ["AsyncCitadelClient", "CitadelClient", "CitadelConnectionError", "Plaintext"]
 
-RETRY_STATUSES = frozenset({429, 503})
-BACKOFF_CAP_S = 16.0
+RETRY_STATUSES: Final = frozenset({429, 503})
+BACKOFF_CAP_S: Final = 16.0
+JITTER: Final = 0.25
+
+# The server's own patterns: a user id outside it is refused (422), a request
+# id outside it is silently replaced, which would break the caller's tracing.
+_USER_ID: Final = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+# Transport failures that no retry can fix: the request itself cannot be sent.
+_NOT_RETRIED: Final = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
 class CitadelConnectionError(CitadelError):
-    """Citadel could not be reached or did not answer in time (after retries)."""
+    """Citadel could not be reached or did not answer in time, after retries.
+
+    Raised for refused or broken connections, DNS failures and timeouts (an
+    httpx ``TransportError``). Its ``status`` is 0: there was no HTTP answer.
+    The detail names only the kind of failure, never the request.
+    """
 
     code = "connection_error"
     status = 0
@@ -53,9 +81,14 @@ class CitadelConnectionError(CitadelError):
 class Plaintext:
     """A decrypted secret that does not show itself.
 
-    ``repr``, ``str``, formatting and pickling never reveal the value; call
-    :meth:`reveal` where it is needed. Used as a context manager, it drops its
-    reference to the value on exit, so nothing Citadel's client made keeps it.
+    ``repr``, ``str`` and formatting give ``Plaintext('**********')``, pickling
+    and copying raise ``TypeError``, and ``==`` compares in constant time.
+    Call :meth:`reveal` where the value is needed. Used as a context manager it
+    drops its reference to the value on exit (Python strings cannot be wiped,
+    but nothing of Citadel's keeps the value alive after that)::
+
+        with client.decrypt(ciphertext) as secret:
+            sign(order, secret.reveal())
     """
 
     __slots__ = ("_value",)
@@ -64,17 +97,20 @@ class Plaintext:
         self._value: str | None = value
 
     def reveal(self) -> str:
-        """The secret; raises ``ValueError`` once the ``with`` block has cleared it."""
+        """The secret; raises ``ValueError`` once it was cleared."""
         if self._value is None:
             raise ValueError("plaintext was cleared")
         return self._value
 
-    get_secret_value = reveal  # the name pydantic's SecretStr uses
+    def get_secret_value(self) -> str:
+        """The same as :meth:`reveal`, under the name pydantic's ``SecretStr`` uses."""
+        return self.reveal()
 
     def clear(self) -> None:
+        """Drop the reference to the value; :meth:`reveal` raises from now on."""
         self._value = None
 
-    def __enter__(self) -> Plaintext:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -83,7 +119,8 @@ class Plaintext:
     def __repr__(self) -> str:
         return "Plaintext('**********')"
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return repr(self)
 
     def __format__(self, spec: str) -> str:
         return repr(self)
@@ -93,22 +130,42 @@ class Plaintext:
             return NotImplemented
         return hmac.compare_digest(self._value.encode(), other._value.encode())
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # a hash would be an oracle for the value
 
     def __reduce__(self) -> NoReturn:
-        raise TypeError("a Plaintext cannot be pickled")
+        raise TypeError("a Plaintext cannot be pickled or copied")
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError("a Plaintext cannot be pickled or copied")
 
 
-class _Retrying:
-    """The retry policy of one call: what to wait before the next attempt, if anything."""
+class _Budget:
+    """One call's deadline and retry policy: how long to wait before the next attempt."""
 
     def __init__(
-        self, deadline_s: float, clock: Callable[[], float], rand: Callable[[], float]
+        self, deadline: float, clock: Callable[[], float], rand: Callable[[], float]
     ) -> None:
         self._clock = clock
         self._rand = rand
-        self._ends_at = clock() + deadline_s
+        self._ends_at = clock() + deadline
         self._attempt = 0
+
+    def remaining(self) -> float:
+        return self._ends_at - self._clock()
+
+    def timeout(self, configured: httpx.Timeout) -> httpx.Timeout:
+        """The configured per-attempt timeout, cut to what is left of the deadline."""
+        left = max(self.remaining(), 0.0)
+
+        def cap(value: float | None) -> float:
+            return left if value is None else min(value, left)
+
+        return httpx.Timeout(
+            connect=cap(configured.connect),
+            read=cap(configured.read),
+            write=cap(configured.write),
+            pool=cap(configured.pool),
+        )
 
     def wait_before_retry(self, err: CitadelError) -> float | None:
         """Seconds to wait before retrying after ``err``, or None to give up and raise it."""
@@ -118,91 +175,128 @@ class _Retrying:
             wait = float(max(0, err.retry_after))
         else:
             base = min(BACKOFF_CAP_S, 2.0**self._attempt)
-            wait = base * (0.75 + 0.5 * self._rand())
+            wait = base * (1.0 - JITTER + 2 * JITTER * self._rand())
         self._attempt += 1
-        if self._clock() + wait > self._ends_at:
+        if wait >= self.remaining():
             return None
         return wait
 
 
-def _headers(user_id: str | None, request_id: str | None) -> dict[str, str]:
-    headers = {}
-    if user_id is not None:
-        headers["X-User-ID"] = user_id
-    if request_id is not None:
-        headers["X-Request-ID"] = request_id
-    return headers
-
-
-def _outcome(response: httpx.Response) -> dict[str, Any] | CitadelError:
-    """The JSON body of a success, or the error an answer stands for; never raises."""
-    request_id = response.headers.get("x-request-id")
+def _outcome(response: httpx.Response, field: str) -> str | CitadelError:
+    """The ``field`` of a success, or the error an answer stands for; never raises."""
     try:
         body = response.json()
     except ValueError:
         body = None
-    if response.status_code == 200 and isinstance(body, dict):
-        return body
-    retry_after = _int_or_none(response.headers.get("retry-after"))
-    if isinstance(body, dict) and isinstance(body.get("code"), str):
-        cls = error_for_code(body["code"])
-        detail = body.get("detail") if isinstance(body.get("detail"), str) else None
-        err = cls(detail, request_id=request_id, retry_after=retry_after)
-    else:
-        err = CitadelError(
-            f"Unexpected answer from Citadel (HTTP {response.status_code}).",
-            request_id=request_id,
-            retry_after=retry_after,
-        )
-    if type(err) is CitadelError:
-        err.status = response.status_code  # type: ignore[misc]
+    request_id = response.headers.get("x-request-id")
+    if response.status_code == 200:
+        value = body.get(field) if isinstance(body, dict) else None
+        if isinstance(value, str):
+            return value
+        return _unexpected(response.status_code, request_id)
+    retry_after = _seconds(response.headers.get("retry-after"))
+    if not isinstance(body, dict):
+        return _unexpected(response.status_code, request_id, retry_after)
+    code, detail = body.get("code"), body.get("detail")
+    cls = error_for_code(code) if isinstance(code, str) else CitadelError
+    if cls is CitadelError:
+        return _unexpected(response.status_code, request_id, retry_after)
+    # The contract's details are fixed text that never repeats the request.
+    return cls(
+        detail if isinstance(detail, str) else None,
+        request_id=request_id,
+        retry_after=retry_after,
+    )
+
+
+def _unexpected(
+    status: int, request_id: str | None, retry_after: int | None = None
+) -> CitadelError:
+    err = CitadelError(
+        f"Unexpected answer from Citadel (HTTP {status}).",
+        request_id=request_id,
+        retry_after=retry_after,
+    )
+    err.status = status  # type: ignore[misc]  # the base class has no status of its own
     return err
 
 
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
+def _seconds(value: str | None) -> int | None:
+    """``Retry-After`` as whole seconds; the HTTP-date form is ignored (backoff applies)."""
+    if value is None or not value.strip().isdigit():
         return None
+    return int(value)
 
 
-def _connection_error(exc: httpx.TransportError) -> CitadelConnectionError:
-    # Only the exception's type: httpx messages can name the request.
-    return CitadelConnectionError(f"Citadel could not be reached ({type(exc).__name__}).")
+def _failure(exc: httpx.HTTPError) -> CitadelError:
+    """The error for an httpx failure, naming only its type: its message can name the request."""
+    if isinstance(exc, httpx.TransportError) and not isinstance(exc, _NOT_RETRIED):
+        return CitadelConnectionError(f"Citadel could not be reached ({type(exc).__name__}).")
+    return CitadelError(f"The call to Citadel failed ({type(exc).__name__}).")
+
+
+def _default_headers(api_key: str) -> dict[str, str]:
+    """Headers of every request, set once on the pool; the key's value is never echoed."""
+    if not api_key or not api_key.isascii() or not api_key.isprintable():
+        raise ValueError("api_key must be non-empty printable ASCII")
+    return {"X-Internal-API-Key": api_key, "Content-Type": "application/json"}
+
+
+def _check_user_id(user_id: str) -> None:
+    if not _USER_ID.fullmatch(user_id):
+        raise InvalidRequest("user_id must be 1 to 128 of A-Za-z0-9_.:@-.")
 
 
 class _Base:
+    """What the sync and async clients share: settings, validation, the request to send."""
+
     def __init__(
         self,
-        api_key: str,
+        timeout: float | httpx.Timeout,
         user_id: str | None,
         deadline: float,
         clock: Callable[[], float],
         random: Callable[[], float],
     ) -> None:
+        if not deadline > 0:
+            raise ValueError("deadline must be positive")
+        if user_id is not None:
+            _check_user_id(user_id)
         self._default_user = user_id
+        self._timeout = httpx.Timeout(timeout)
         self._deadline = deadline
         self._clock = clock
         self._random = random
-        self._auth = {"X-Internal-API-Key": api_key}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(<api key hidden>)"
 
-    def _request(
+    def _prepare(
         self, payload: dict[str, str], user_id: str | None, request_id: str | None
-    ) -> tuple[bytes, dict[str, str], _Retrying]:
-        body = json.dumps(payload).encode()
-        headers = {
-            **self._auth,
-            "Content-Type": "application/json",
-            **_headers(user_id or self._default_user, request_id),
-        }
-        return body, headers, _Retrying(self._deadline, self._clock, self._random)
+    ) -> tuple[bytes, dict[str, str], _Budget]:
+        """Body, per-call headers and budget of one call; invalid ids fail before sending."""
+        headers = {}
+        user = user_id if user_id is not None else self._default_user
+        if user is not None:
+            _check_user_id(user)
+            headers["X-User-ID"] = user
+        if request_id is not None:
+            if not _REQUEST_ID.fullmatch(request_id):
+                raise InvalidRequest("request_id must be 1 to 128 of A-Za-z0-9._:-.")
+            headers["X-Request-ID"] = request_id
+        # UTF-8, not \u escapes: the server's body limit is in bytes.
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        return body, headers, _Budget(self._deadline, self._clock, self._random)
 
 
 class CitadelClient(_Base):
-    """A synchronous client; one instance shares a connection pool between calls."""
+    """A synchronous client; one instance shares a connection pool between calls and threads.
+
+    ``timeout`` applies to each attempt, ``deadline`` to a whole call with its
+    retries. ``user_id`` is the default ``X-User-ID``. ``transport``, ``sleep``,
+    ``clock`` and ``random`` (a source of floats in [0, 1) for the jitter) are
+    there for tests.
+    """
 
     def __init__(
         self,
@@ -217,46 +311,76 @@ class CitadelClient(_Base):
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
-        super().__init__(api_key, user_id, deadline, clock, random)
+        super().__init__(timeout, user_id, deadline, clock, random)
         self._sleep = sleep
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        self._http = httpx.Client(
+            base_url=base_url,
+            headers=_default_headers(api_key),
+            timeout=self._timeout,
+            transport=transport,
+        )
 
     def encrypt(
         self, plaintext: str, *, user_id: str | None = None, request_id: str | None = None
     ) -> str:
         """Encrypt ``plaintext``; returns the ciphertext to store."""
-        body = self._call("/encrypt", {"plaintext": plaintext}, user_id, request_id)
-        return str(body["encrypted_data"])
+        return self._call(
+            "/encrypt", {"plaintext": plaintext}, "encrypted_data", user_id, request_id
+        )
 
     def decrypt(
         self, ciphertext: str, *, user_id: str | None = None, request_id: str | None = None
     ) -> Plaintext:
         """Decrypt ``ciphertext``; the secret comes wrapped in a :class:`Plaintext`."""
-        body = self._call("/decrypt", {"encrypted_data": ciphertext}, user_id, request_id)
-        return Plaintext(str(body.pop("plaintext")))
+        return Plaintext(
+            self._call("/decrypt", {"encrypted_data": ciphertext}, "plaintext", user_id, request_id)
+        )
 
     def _call(
-        self, path: str, payload: dict[str, str], user_id: str | None, request_id: str | None
-    ) -> dict[str, Any]:
-        content, headers, retrying = self._request(payload, user_id, request_id)
+        self,
+        path: str,
+        payload: dict[str, str],
+        field: str,
+        user_id: str | None,
+        request_id: str | None,
+    ) -> str:
+        content, headers, budget = self._prepare(payload, user_id, request_id)
         while True:
-            try:
-                with self._http.stream("POST", path, content=content, headers=headers) as r:
-                    r.read()
-                    outcome = _outcome(r)
-            except httpx.TransportError as exc:
-                outcome = _connection_error(exc)
-            if not isinstance(outcome, CitadelError):
+            outcome = self._attempt(path, content, headers, budget, field)
+            if isinstance(outcome, str):
                 return outcome
-            wait = retrying.wait_before_retry(outcome)
+            wait = budget.wait_before_retry(outcome)
             if wait is None:
-                raise outcome
+                raise outcome from None
             self._sleep(wait)
 
+    def _attempt(
+        self,
+        path: str,
+        content: bytes,
+        headers: dict[str, str],
+        budget: _Budget,
+        field: str,
+    ) -> str | CitadelError:
+        """One request; its response is read, closed and dropped within this frame."""
+        try:
+            with self._http.stream(
+                "POST",
+                path,
+                content=content,
+                headers=headers,
+                timeout=budget.timeout(self._timeout),
+            ) as response:
+                response.read()
+                return _outcome(response, field)
+        except httpx.HTTPError as exc:
+            return _failure(exc)
+
     def close(self) -> None:
+        """Close the connection pool."""
         self._http.close()
 
-    def __enter__(self) -> CitadelClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -264,7 +388,10 @@ class CitadelClient(_Base):
 
 
 class AsyncCitadelClient(_Base):
-    """The asyncio (or trio, through anyio) twin of :class:`CitadelClient`."""
+    """The async twin of :class:`CitadelClient` (asyncio, or trio through anyio).
+
+    The same options; ``sleep`` is awaited (``anyio.sleep`` by default).
+    """
 
     def __init__(
         self,
@@ -279,46 +406,78 @@ class AsyncCitadelClient(_Base):
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
-        super().__init__(api_key, user_id, deadline, clock, random)
+        super().__init__(timeout, user_id, deadline, clock, random)
         self._sleep = sleep
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=_default_headers(api_key),
+            timeout=self._timeout,
+            transport=transport,
+        )
 
     async def encrypt(
         self, plaintext: str, *, user_id: str | None = None, request_id: str | None = None
     ) -> str:
         """Encrypt ``plaintext``; returns the ciphertext to store."""
-        body = await self._call("/encrypt", {"plaintext": plaintext}, user_id, request_id)
-        return str(body["encrypted_data"])
+        return await self._call(
+            "/encrypt", {"plaintext": plaintext}, "encrypted_data", user_id, request_id
+        )
 
     async def decrypt(
         self, ciphertext: str, *, user_id: str | None = None, request_id: str | None = None
     ) -> Plaintext:
         """Decrypt ``ciphertext``; the secret comes wrapped in a :class:`Plaintext`."""
-        body = await self._call("/decrypt", {"encrypted_data": ciphertext}, user_id, request_id)
-        return Plaintext(str(body.pop("plaintext")))
+        return Plaintext(
+            await self._call(
+                "/decrypt", {"encrypted_data": ciphertext}, "plaintext", user_id, request_id
+            )
+        )
 
     async def _call(
-        self, path: str, payload: dict[str, str], user_id: str | None, request_id: str | None
-    ) -> dict[str, Any]:
-        content, headers, retrying = self._request(payload, user_id, request_id)
+        self,
+        path: str,
+        payload: dict[str, str],
+        field: str,
+        user_id: str | None,
+        request_id: str | None,
+    ) -> str:
+        content, headers, budget = self._prepare(payload, user_id, request_id)
         while True:
-            try:
-                async with self._http.stream("POST", path, content=content, headers=headers) as r:
-                    await r.aread()
-                    outcome = _outcome(r)
-            except httpx.TransportError as exc:
-                outcome = _connection_error(exc)
-            if not isinstance(outcome, CitadelError):
+            outcome = await self._attempt(path, content, headers, budget, field)
+            if isinstance(outcome, str):
                 return outcome
-            wait = retrying.wait_before_retry(outcome)
+            wait = budget.wait_before_retry(outcome)
             if wait is None:
-                raise outcome
+                raise outcome from None
             await self._sleep(wait)
 
+    async def _attempt(
+        self,
+        path: str,
+        content: bytes,
+        headers: dict[str, str],
+        budget: _Budget,
+        field: str,
+    ) -> str | CitadelError:
+        """One request; its response is read, closed and dropped within this frame."""
+        try:
+            async with self._http.stream(
+                "POST",
+                path,
+                content=content,
+                headers=headers,
+                timeout=budget.timeout(self._timeout),
+            ) as response:
+                await response.aread()
+                return _outcome(response, field)
+        except httpx.HTTPError as exc:
+            return _failure(exc)
+
     async def aclose(self) -> None:
+        """Close the connection pool."""
         await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncCitadelClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
