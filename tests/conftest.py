@@ -4,7 +4,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import RedisServer, Served, make_settings, serve_citadel
+import respx
+from support import CLIENT_BASE, FakeTime, RedisServer, Served, make_settings, serve_citadel
 
 from citadel.config import Settings
 from evervault_emulator import EvervaultEmulator
@@ -39,3 +40,14 @@ def redis_server() -> Iterator[RedisServer]:
 def emulator() -> Iterator[EvervaultEmulator]:
     with EvervaultEmulator() as emu:
         yield emu
+
+
+@pytest.fixture
+def fake() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def mocked() -> Iterator[respx.MockRouter]:
+    with respx.mock(base_url=CLIENT_BASE, assert_all_called=False) as router:
+        yield router

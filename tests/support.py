@@ -27,6 +27,7 @@ KEYS = {
     "alchemist": "alchemist-key-" + "d" * 40,
 }
 PSEUDONYM_KEY = "test-pseudonym-key-0123456789"
+CLIENT_BASE = "http://citadel.test"  # the client tests' respx base URL
 
 
 def make_settings(tmp: Path, **overrides: Any) -> Settings:
@@ -186,3 +187,21 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) ->
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+class FakeTime:
+    """An injected clock and sleep for the client: waits are recorded, no time passes."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleep(seconds)

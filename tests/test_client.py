@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pickle
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import respx
-from support import KEYS, Served
+from support import CLIENT_BASE as BASE
+from support import KEYS, FakeTime, Served
 
 from citadel import (
     AsyncCitadelClient,
@@ -28,36 +28,6 @@ from citadel import (
 )
 
 CANARY = "CANARY-CLIENT-PLAINTEXT-77"
-BASE = "http://citadel.test"
-
-
-class FakeTime:
-    """An injected clock and sleep: waits are recorded, no real time passes."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.waits: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.now += seconds
-
-    async def asleep(self, seconds: float) -> None:
-        self.sleep(seconds)
-
-
-@pytest.fixture
-def fake() -> FakeTime:
-    return FakeTime()
-
-
-@pytest.fixture
-def mocked() -> Iterator[respx.MockRouter]:
-    with respx.mock(base_url=BASE, assert_all_called=False) as router:
-        yield router
 
 
 def client(fake: FakeTime, **kw: Any) -> CitadelClient:

@@ -8,12 +8,14 @@ import json
 import pickle
 import traceback
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 import respx
+from support import CLIENT_BASE as BASE
+from support import FakeTime
 
 from citadel.client import AsyncCitadelClient, CitadelClient, CitadelConnectionError, Plaintext
 from citadel.errors import (
@@ -27,7 +29,6 @@ from citadel.errors import (
     Unauthenticated,
 )
 
-BASE = "http://citadel.test"
 KEY = "CANARY-API-KEY-5f1e9c"
 SECRET = "CANARY-PLAINTEXT-b81d07"
 OK_ENCRYPT = {"encrypted_data": "ct:1"}
@@ -43,40 +44,6 @@ CONTRACT_ERRORS = [
     (503, "provider_unavailable", ProviderUnavailable),
 ]
 NOT_RETRIED = [row for row in CONTRACT_ERRORS if row[0] not in (429, 503)]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-class FakeTime:
-    """An injected clock and sleep: waits are recorded, no real time passes."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.waits: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.now += seconds
-
-    async def asleep(self, seconds: float) -> None:
-        self.sleep(seconds)
-
-
-@pytest.fixture
-def fake() -> FakeTime:
-    return FakeTime()
-
-
-@pytest.fixture
-def mocked() -> Iterator[respx.MockRouter]:
-    with respx.mock(base_url=BASE, assert_all_called=False) as router:
-        yield router
 
 
 def sync_client(fake: FakeTime, **kw: Any) -> CitadelClient:
