@@ -1,21 +1,30 @@
 """Settings: the one place that reads the environment and ``.env``.
 
-Every variable of the contract is a field here, named by its alias. A bad value
-stops start-up through :func:`describe_settings_error`, which names the variable
-and never repeats its value.
+Every variable of the contract is a field here, read under its exact name
+(``CITADEL_*``, ``EVERVAULT_*``) and no other: pydantic-settings would otherwise
+also read a field's bare name, case-insensitively, so a generic ``ACL`` or
+``API_KEYS`` that a container happens to carry would change access control.
+Code that builds settings by field name uses :meth:`Settings.from_fields`.
+
+A bad value stops start-up through :func:`describe_settings_error`, which
+names the variable and never repeats its value.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from limits import parse as parse_limit
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-Operation = Literal["encrypt", "decrypt"]
+Operation = Literal["encrypt", "decrypt", "sign", "rewrap"]
+ProviderName = Literal["local", "evervault"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_ACL: dict[str, list[Operation]] = {
     "sentinel": ["encrypt"],
@@ -25,6 +34,11 @@ DEFAULT_ACL: dict[str, list[Operation]] = {
 }
 
 
+def _env(name: str) -> Any:
+    """A field read from exactly one variable."""
+    return Field(validation_alias=name)
+
+
 class Settings(BaseSettings):
     """Citadel's configuration, from the environment and an optional ``.env``."""
 
@@ -32,92 +46,61 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
-        validate_by_name=True,
+        validate_by_name=False,
         validate_by_alias=True,
-        case_sensitive=False,
+        case_sensitive=True,
         hide_input_in_errors=True,
     )
 
-    env: Literal["development", "production"] = Field(
-        "development", validation_alias=AliasChoices("CITADEL_ENV", "env")
-    )
-    provider: Literal["local", "evervault"] = Field(
-        "local", validation_alias=AliasChoices("CITADEL_PROVIDER", "provider")
-    )
-    api_keys: dict[str, list[str]] | None = Field(
-        None, validation_alias=AliasChoices("CITADEL_API_KEYS", "api_keys")
-    )
-    api_keys_file: Path | None = Field(
-        None, validation_alias=AliasChoices("CITADEL_API_KEYS_FILE", "api_keys_file")
-    )
-    acl: dict[str, list[Operation]] = Field(
+    env: Annotated[Literal["development", "production"], _env("CITADEL_ENV")] = "development"
+    provider: Annotated[ProviderName, _env("CITADEL_PROVIDER")] = "local"
+    decrypt_providers_raw: Annotated[str | None, _env("CITADEL_DECRYPT_PROVIDERS")] = None
+    api_keys: Annotated[dict[str, list[str]] | None, _env("CITADEL_API_KEYS")] = None
+    api_keys_file: Annotated[Path | None, _env("CITADEL_API_KEYS_FILE")] = None
+    acl: Annotated[dict[str, list[Operation]], _env("CITADEL_ACL")] = Field(
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_ACL.items()},
-        validation_alias=AliasChoices("CITADEL_ACL", "acl"),
+        validation_alias="CITADEL_ACL",
     )
-    rate_limit_per_caller: str = Field(
-        "100/minute",
-        validation_alias=AliasChoices("CITADEL_RATE_LIMIT_PER_CALLER", "rate_limit_per_caller"),
-    )
-    rate_limit_per_user: str = Field(
-        "10/minute",
-        validation_alias=AliasChoices("CITADEL_RATE_LIMIT_PER_USER", "rate_limit_per_user"),
-    )
-    rate_limit_auth_failures: str = Field(
-        "20/minute",
-        validation_alias=AliasChoices(
-            "CITADEL_RATE_LIMIT_AUTH_FAILURES", "rate_limit_auth_failures"
-        ),
-    )
-    rate_limit_storage_uri: str = Field(
-        "memory://",
-        validation_alias=AliasChoices("CITADEL_RATE_LIMIT_STORAGE_URI", "rate_limit_storage_uri"),
-    )
-    breaker_fail_max: Annotated[int, Field(ge=1)] = Field(
-        5, validation_alias=AliasChoices("CITADEL_BREAKER_FAIL_MAX", "breaker_fail_max")
-    )
-    breaker_reset_s: Annotated[float, Field(gt=0)] = Field(
-        1.0, validation_alias=AliasChoices("CITADEL_BREAKER_RESET_S", "breaker_reset_s")
-    )
-    breaker_reset_max_s: Annotated[float, Field(gt=0)] = Field(
-        16.0, validation_alias=AliasChoices("CITADEL_BREAKER_RESET_MAX_S", "breaker_reset_max_s")
-    )
-    max_plaintext_bytes: Annotated[int, Field(ge=1, le=1_048_576)] = Field(
-        4096, validation_alias=AliasChoices("CITADEL_MAX_PLAINTEXT_BYTES", "max_plaintext_bytes")
-    )
-    local_keyring: Path = Field(
-        Path(".citadel/keyring.json"),
-        validation_alias=AliasChoices("CITADEL_LOCAL_KEYRING", "local_keyring"),
-    )
-    log_format: Literal["json", "console"] = Field(
-        "json", validation_alias=AliasChoices("CITADEL_LOG_FORMAT", "log_format")
-    )
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", validation_alias=AliasChoices("CITADEL_LOG_LEVEL", "log_level")
-    )
-    audit_pseudonym_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("CITADEL_AUDIT_PSEUDONYM_KEY", "audit_pseudonym_key")
-    )
-    docs: bool | None = Field(None, validation_alias=AliasChoices("CITADEL_DOCS", "docs"))
-    decrypt_concurrency: Annotated[int, Field(ge=1, le=1024)] = Field(
-        64, validation_alias=AliasChoices("CITADEL_DECRYPT_CONCURRENCY", "decrypt_concurrency")
-    )
+    rate_limit_per_caller: Annotated[str, _env("CITADEL_RATE_LIMIT_PER_CALLER")] = "100/minute"
+    rate_limits: Annotated[dict[str, str] | None, _env("CITADEL_RATE_LIMITS")] = None
+    rate_limit_per_user: Annotated[str, _env("CITADEL_RATE_LIMIT_PER_USER")] = "10/minute"
+    rate_limit_auth_failures: Annotated[str, _env("CITADEL_RATE_LIMIT_AUTH_FAILURES")] = "20/minute"
+    rate_limit_storage_uri: Annotated[str, _env("CITADEL_RATE_LIMIT_STORAGE_URI")] = "memory://"
+    breaker_fail_max: Annotated[int, Field(ge=1), _env("CITADEL_BREAKER_FAIL_MAX")] = 5
+    breaker_reset_s: Annotated[float, Field(gt=0), _env("CITADEL_BREAKER_RESET_S")] = 1.0
+    breaker_reset_max_s: Annotated[float, Field(gt=0), _env("CITADEL_BREAKER_RESET_MAX_S")] = 16.0
+    max_plaintext_bytes: Annotated[
+        int, Field(ge=1, le=1_048_576), _env("CITADEL_MAX_PLAINTEXT_BYTES")
+    ] = 4096
+    max_sign_message_bytes: Annotated[
+        int, Field(ge=1, le=1_048_576), _env("CITADEL_MAX_SIGN_MESSAGE_BYTES")
+    ] = 65536
+    trusted_proxies_raw: Annotated[str | None, _env("CITADEL_TRUSTED_PROXIES")] = None
+    read_timeout_s: Annotated[float, Field(gt=0, le=600), _env("CITADEL_READ_TIMEOUT_S")] = 10.0
+    local_keyring: Annotated[Path, _env("CITADEL_LOCAL_KEYRING")] = Path(".citadel/keyring.json")
+    log_format: Annotated[Literal["json", "console"], _env("CITADEL_LOG_FORMAT")] = "json"
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error", "critical"], _env("CITADEL_LOG_LEVEL")
+    ] = "info"
+    audit_pseudonym_key: Annotated[SecretStr | None, _env("CITADEL_AUDIT_PSEUDONYM_KEY")] = None
+    docs: Annotated[bool | None, _env("CITADEL_DOCS")] = None
+    decrypt_concurrency: Annotated[
+        int, Field(ge=1, le=1024), _env("CITADEL_DECRYPT_CONCURRENCY")
+    ] = 64
 
-    evervault_app_id: str | None = Field(
-        None, validation_alias=AliasChoices("EVERVAULT_APP_ID", "evervault_app_id")
+    evervault_app_id: Annotated[str | None, _env("EVERVAULT_APP_ID")] = None
+    evervault_api_key: Annotated[SecretStr | None, _env("EVERVAULT_API_KEY")] = None
+    evervault_api_url: Annotated[str, _env("EVERVAULT_API_URL")] = "https://api.evervault.com/"
+    evervault_curve: Annotated[Literal["SECP256K1", "SECP256R1"], _env("EVERVAULT_CURVE")] = (
+        "SECP256K1"
     )
-    evervault_api_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("EVERVAULT_API_KEY", "evervault_api_key")
-    )
-    evervault_api_url: str = Field(
-        "https://api.evervault.com/",
-        validation_alias=AliasChoices("EVERVAULT_API_URL", "evervault_api_url"),
-    )
-    evervault_curve: Literal["SECP256K1", "SECP256R1"] = Field(
-        "SECP256K1", validation_alias=AliasChoices("EVERVAULT_CURVE", "evervault_curve")
-    )
-    evervault_timeout_s: Annotated[float, Field(gt=0, le=120)] = Field(
-        5.0, validation_alias=AliasChoices("EVERVAULT_TIMEOUT_S", "evervault_timeout_s")
-    )
+    evervault_timeout_s: Annotated[float, Field(gt=0, le=120), _env("EVERVAULT_TIMEOUT_S")] = 5.0
+
+    @classmethod
+    def from_fields(cls, *, env_file: str | None = None, **fields: Any) -> Settings:
+        """Settings from Python field names (tests, scripts), still reading the environment."""
+        by_alias = {_alias(name): value for name, value in fields.items()}
+        return cls(_env_file=env_file, **by_alias)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -132,7 +115,12 @@ class Settings(BaseSettings):
     @field_validator("evervault_api_url")
     @classmethod
     def _slash_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise ValueError("must be an http(s) URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL")
         # The SDK concatenates base_url + path, so the slash is load-bearing.
         return value if value.endswith("/") else value + "/"
@@ -140,17 +128,42 @@ class Settings(BaseSettings):
     @field_validator("rate_limit_per_caller", "rate_limit_per_user", "rate_limit_auth_failures")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
-        try:
-            parse_limit(value)
-        except ValueError:
-            raise ValueError("must be a rate limit such as 100/minute") from None
+        return _check_limit(value)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _valid_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            for caller, limit in value.items():
+                if not caller:
+                    raise ValueError("has an empty caller name")
+                _check_limit(limit)
         return value
 
     @field_validator("rate_limit_storage_uri")
     @classmethod
     def _valid_storage(cls, value: str) -> str:
-        if not value.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
-            raise ValueError("must be memory:// or a redis:// URI")
+        # Checked here, before any library sees it: a library's error would
+        # quote the URI, password included.
+        bad = ValueError("must be memory:// or a redis://host:port/db URI")
+        if value == "memory://":
+            return value
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise bad from None
+        if parts.scheme == "redis+unix":
+            if not parts.path:
+                raise bad
+            return value
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise bad
+        if port is None and parts.netloc.endswith(":"):
+            raise bad
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise bad
         return value
 
     @field_validator("api_keys")
@@ -159,6 +172,49 @@ class Settings(BaseSettings):
         if value is not None:
             check_api_keys_shape(value)
         return value
+
+    @field_validator("decrypt_providers_raw")
+    @classmethod
+    def _valid_providers(cls, value: str | None) -> str | None:
+        if value is not None:
+            names = [p.strip() for p in value.split(",") if p.strip()]
+            if not names or any(p not in ("local", "evervault") for p in names):
+                raise ValueError("must be a comma-separated list of local, evervault")
+        return value
+
+    @field_validator("trusted_proxies_raw")
+    @classmethod
+    def _valid_proxies(cls, value: str | None) -> str | None:
+        if value is not None:
+            _networks(value)
+        return value
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> Settings:
+        if "evervault" in self.decrypt_providers:
+            if not self.evervault_app_id:
+                raise ValueError("EVERVAULT_APP_ID is required with the evervault provider")
+            if self.evervault_api_key is None:
+                raise ValueError("EVERVAULT_API_KEY is required with the evervault provider")
+        return self
+
+    @property
+    def decrypt_providers(self) -> tuple[ProviderName, ...]:
+        """``CITADEL_DECRYPT_PROVIDERS``, always including ``CITADEL_PROVIDER``, first."""
+        names: list[ProviderName] = [self.provider]
+        for raw in (self.decrypt_providers_raw or "").split(","):
+            name = raw.strip()
+            if name in ("local", "evervault") and name not in names:
+                names.append(name)  # type: ignore[arg-type]
+        return tuple(names)
+
+    @property
+    def trusted_proxies(self) -> tuple[Network, ...]:
+        return _networks(self.trusted_proxies_raw) if self.trusted_proxies_raw else ()
+
+    def rate_limit_for(self, caller: str) -> str:
+        """The caller's own limit from ``CITADEL_RATE_LIMITS``, else the per-caller default."""
+        return (self.rate_limits or {}).get(caller, self.rate_limit_per_caller)
 
     @property
     def docs_enabled(self) -> bool:
@@ -214,15 +270,15 @@ def describe_settings_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors(include_input=False, include_url=False, include_context=False):
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            parts.append(f"{_env_name(field)} ({_safe_msg(err['type'], err['msg'])})")
+            msg = _safe_msg(err["type"], err["msg"])
+            parts.append(f"{_alias(str(err['loc'][0]))} ({msg})" if err["loc"] else msg)
         return "invalid setting: " + "; ".join(parts)
     if isinstance(exc, SettingsError):
         # pydantic-settings words these "error parsing value for field "x" from source ...".
         text = str(exc)
-        for name in Settings.model_fields:
-            if f'"{name}"' in text:
-                return f"invalid setting: {_env_name(name)} (not valid JSON)"
+        for name, info in Settings.model_fields.items():
+            if f'"{name}"' in text or f'"{info.validation_alias}"' in text:
+                return f"invalid setting: {_alias(name)} (not valid JSON)"
         return "invalid setting: a JSON setting could not be parsed"
     return f"invalid setting: {type(exc).__name__}"
 
@@ -239,10 +295,27 @@ def _safe_msg(kind: str, msg: str) -> str:
     return kind
 
 
-def _env_name(field: str) -> str:
+def _alias(field: str) -> str:
+    """The variable a field is read from (``api_keys`` → ``CITADEL_API_KEYS``)."""
     info = Settings.model_fields.get(field)
     alias = info.validation_alias if info else None
-    if isinstance(alias, AliasChoices):
-        first = alias.choices[0]
-        return first if isinstance(first, str) else field
-    return field.upper()
+    return alias if isinstance(alias, str) else field
+
+
+def _check_limit(value: str) -> str:
+    try:
+        parse_limit(value)
+    except ValueError:
+        raise ValueError("must be a rate limit such as 100/minute") from None
+    return value
+
+
+def _networks(value: str) -> tuple[Network, ...]:
+    try:
+        return tuple(
+            ipaddress.ip_network(part.strip(), strict=False)
+            for part in value.split(",")
+            if part.strip()
+        )
+    except ValueError:
+        raise ValueError("must be comma-separated IP addresses or CIDRs") from None

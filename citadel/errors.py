@@ -10,6 +10,9 @@ caller catches by meaning, never by message text::
     ├── PayloadTooLarge        413 payload_too_large
     ├── InvalidRequest         422 invalid_request
     ├── InvalidCiphertext      400 invalid_ciphertext
+    ├── KeyRetired             400 key_retired
+    ├── InvalidKey             400 invalid_key           (/sign: the secret is not such a key)
+    ├── RequestTimeout         408 request_timeout
     ├── RateLimited            429 rate_limited          (retry_after)
     └── ProviderUnavailable    503 provider_unavailable  (retry_after)
         └── AuditUnavailable   503 provider_unavailable  (the audit log, not the provider)
@@ -28,10 +31,13 @@ __all__ = [
     "CitadelError",
     "Forbidden",
     "InvalidCiphertext",
+    "InvalidKey",
     "InvalidRequest",
+    "KeyRetired",
     "PayloadTooLarge",
     "ProviderUnavailable",
     "RateLimited",
+    "RequestTimeout",
     "Unauthenticated",
     "error_for_code",
 ]
@@ -98,6 +104,27 @@ class InvalidCiphertext(CitadelError):
     default_detail = "The ciphertext is malformed, from another key, or tampered with."
 
 
+class KeyRetired(CitadelError):
+    code = "key_retired"
+    status = 400
+    default_detail = (
+        "The ciphertext names a retired keyring key; rewrap it under a key in force "
+        "or restore the key."
+    )
+
+
+class InvalidKey(CitadelError):
+    code = "invalid_key"
+    status = 400
+    default_detail = "The decrypted secret is not a key of this algorithm and key_encoding."
+
+
+class RequestTimeout(CitadelError):
+    code = "request_timeout"
+    status = 408
+    default_detail = "The request body did not arrive in time."
+
+
 class RateLimited(CitadelError):
     code = "rate_limited"
     status = 429
@@ -128,6 +155,9 @@ _BY_CODE: dict[str, type[CitadelError]] = {
         PayloadTooLarge,
         InvalidRequest,
         InvalidCiphertext,
+        KeyRetired,
+        InvalidKey,
+        RequestTimeout,
         RateLimited,
         ProviderUnavailable,
     )

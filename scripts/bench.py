@@ -411,7 +411,7 @@ def limiter_cost_us() -> float:
     from citadel.ratelimit import RateLimiter
 
     limiter = RateLimiter(
-        Settings(_env_file=None, rate_limit_per_caller=UNLIMITED, rate_limit_per_user=UNLIMITED),
+        Settings.from_fields(rate_limit_per_caller=UNLIMITED, rate_limit_per_user=UNLIMITED),
         Metrics(),
     )  # type: ignore[call-arg]
 

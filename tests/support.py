@@ -37,7 +37,7 @@ def make_settings(tmp: Path, **overrides: Any) -> Settings:
         "audit_pseudonym_key": PSEUDONYM_KEY,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return Settings.from_fields(**values)
 
 
 class AuditSink(io.RawIOBase):

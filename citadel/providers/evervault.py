@@ -114,12 +114,8 @@ class EvervaultProvider:
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics) -> EvervaultProvider:
-        from citadel.config import SettingError
-
-        if not settings.evervault_app_id:
-            raise SettingError("EVERVAULT_APP_ID", "is required when CITADEL_PROVIDER=evervault")
-        if settings.evervault_api_key is None:
-            raise SettingError("EVERVAULT_API_KEY", "is required when CITADEL_PROVIDER=evervault")
+        # Settings refuse an evervault provider without both credentials.
+        assert settings.evervault_app_id and settings.evervault_api_key is not None
         client = Client(
             app_uuid=settings.evervault_app_id,
             api_key=settings.evervault_api_key.get_secret_value(),
