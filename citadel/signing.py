@@ -87,11 +87,12 @@ class _Refused(Exception):
 def decode_message(message: str, encoding: str) -> bytes:
     """The bytes to sign: ``message`` per ``message_encoding`` (``utf-8`` or ``base64``).
 
-    ``base64`` is the standard alphabet with padding, checked strictly
-    (``validate=True``): a character outside the alphabet, a missing pad or
-    whitespace is :class:`InvalidRequest`, never silently dropped, since a
-    signature over other bytes than the caller meant would fail at the exchange
-    with nothing to say why. The size limit is the caller's to enforce.
+    ``base64`` is the standard alphabet with exactly the padding an encoder
+    writes (canonical, RFC 4648 section 3.5): a character outside the alphabet,
+    whitespace, a missing or extra pad, or stray low bits is
+    :class:`InvalidRequest`, never silently dropped, since a signature over other
+    bytes than the caller meant would fail at the exchange with nothing to say
+    why. The size limit is the caller's to enforce.
     """
     if encoding == "utf-8":
         try:
@@ -100,10 +101,10 @@ def decode_message(message: str, encoding: str) -> bytes:
         except UnicodeEncodeError:
             raise InvalidRequest() from None
     if encoding == "base64":
-        try:
-            return base64.b64decode(message.encode("ascii"), validate=True)
-        except (UnicodeEncodeError, binascii.Error):
-            raise InvalidRequest() from None
+        decoded = _strict_b64decode(message)
+        if decoded is None:
+            raise InvalidRequest()
+        return decoded
     raise InvalidRequest()
 
 
@@ -133,6 +134,20 @@ def sign(
         del secret
         raise InvalidKey(refused)
     return _encode(_sign_with(algorithm, key, message), signature_encoding)
+
+
+def _strict_b64decode(text: str) -> bytes | None:
+    """Canonical standard base64, or None.
+
+    ``b64decode(validate=True)`` alone still takes extra ``=`` and non-zero
+    unused bits, so two different strings would decode to the same bytes; the
+    round trip refuses both.
+    """
+    try:
+        decoded = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        return None
+    return decoded if base64.b64encode(decoded) == text.encode("ascii") else None
 
 
 # -- keys -----------------------------------------------------------------------------------------
@@ -180,10 +195,10 @@ def _decode_bytes(secret: str, key_encoding: str) -> bytes:
             raise _Refused(_NOT_A_KEY)
         return bytes.fromhex(secret)
     if key_encoding == "base64":
-        try:
-            return base64.b64decode(secret.encode("ascii"), validate=True)
-        except (UnicodeEncodeError, binascii.Error):
-            raise _Refused(_NOT_A_KEY) from None
+        decoded = _strict_b64decode(secret)
+        if decoded is None:
+            raise _Refused(_NOT_A_KEY)
+        return decoded
     raise AssertionError("unreachable: sign() checked the key encoding")  # pragma: no cover
 
 
