@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import IO
@@ -10,13 +9,12 @@ from typing import IO
 import structlog
 from fastapi import FastAPI
 
-from citadel.api import add_routes
-from citadel.audit import AuditLog, Pseudonymizer, pseudonym_key
-from citadel.config import SettingError, Settings
+from citadel.api import Operations, add_status_routes, openapi_document
+from citadel.audit import AuditLog, Pseudonymizer, StreamSink, pseudonym_key, stdout_sink
+from citadel.config import ProviderName, SettingError, Settings
 from citadel.http_errors import install_error_handlers
-from citadel.keyring import create_keyring, load_keyring
 from citadel.metrics import Metrics
-from citadel.middleware import CitadelMiddleware
+from citadel.middleware import BodyDeadlines, CitadelMiddleware
 from citadel.providers.base import Provider
 from citadel.providers.local import LocalProvider
 from citadel.ratelimit import RateLimiter
@@ -32,22 +30,24 @@ BODY_LIMIT_FACTOR = 6
 BODY_LIMIT_SLACK = 1024
 
 
-def build_provider(settings: Settings, metrics: Metrics) -> Provider:
-    """The provider named by ``CITADEL_PROVIDER``, its keys loaded or about to be."""
-    if settings.provider == "evervault":
+def body_limits(settings: Settings) -> dict[str, int]:
+    """Per operation, the largest body that can hold a valid request (checked before parsing)."""
+    secret = settings.max_plaintext_bytes * BODY_LIMIT_FACTOR + BODY_LIMIT_SLACK
+    message = settings.max_sign_message_bytes * BODY_LIMIT_FACTOR
+    return {"encrypt": secret, "decrypt": secret, "rewrap": secret, "sign": secret + message}
+
+
+def build_provider(name: ProviderName, settings: Settings, metrics: Metrics) -> Provider:
+    """The provider ``name``, its keys loaded or about to be.
+
+    The local keyring is created (in development) only when ``local`` is the
+    encrypting provider: a keyring that only decrypts must already exist.
+    """
+    if name == "evervault":
         from citadel.providers.evervault import EvervaultProvider
 
         return EvervaultProvider.from_settings(settings, metrics)
-    path = settings.local_keyring
-    if settings.env == "development" and create_keyring(path, origin="auto"):
-        log.info("keyring_created", path=str(path))
-    keyring = load_keyring(path)
-    if settings.env == "production" and keyring.origin == "auto":
-        raise SettingError(
-            "CITADEL_LOCAL_KEYRING",
-            "was auto-created for development; create one with `citadel keyring init`",
-        )
-    return LocalProvider(keyring)
+    return LocalProvider.from_settings(settings, metrics, create=settings.provider == "local")
 
 
 def create_app(
@@ -66,23 +66,40 @@ def create_app(
         log.warning("dev_api_keys_in_use", path=str(dev_keys_file))
     pseudonymize = Pseudonymizer(pseudonym_key(settings))
     metrics = Metrics()
-    provider = provider or build_provider(settings, metrics)
+    encryptor = provider or build_provider(settings.provider, settings, metrics)
+    decryptors = [
+        encryptor if name == encryptor.name else build_provider(name, settings, metrics)
+        for name in settings.decrypt_providers
+    ]
+    providers = list(dict.fromkeys([encryptor, *decryptors]))
     limiter = RateLimiter(settings, metrics)
-    status = StatusReport(provider, metrics, limiter)
+    audit = AuditLog(StreamSink(audit_sink) if audit_sink is not None else stdout_sink())
+    status = StatusReport(encryptor, metrics, limiter, decryptors=decryptors, audit=audit)
     status.refresh_gauges()
+    deadlines = BodyDeadlines(settings.read_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await provider.start()
+        for p in providers:
+            await p.start()
         await limiter.start()
         await key_watcher.start()
-        log.info("citadel_started", provider=provider.name, env=settings.env, version=VERSION)
+        await deadlines.start()
+        log.info(
+            "citadel_started",
+            provider=encryptor.name,
+            decrypt_providers=[p.name for p in decryptors],
+            env=settings.env,
+            version=VERSION,
+        )
         try:
             yield
         finally:
+            await deadlines.aclose()
             await key_watcher.aclose()
             await limiter.aclose()
-            await provider.aclose()
+            for p in providers:
+                await p.aclose()
 
     app = FastAPI(
         title="Citadel",
@@ -91,18 +108,27 @@ def create_app(
         docs_url="/docs" if settings.docs_enabled else None,
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
+        # A redirect would send the caller, its body and its API key to
+        # whatever the Host header names; a trailing slash is simply a 404.
+        redirect_slashes=False,
     )
+    document = openapi_document(VERSION)
+    app.openapi = lambda: document  # type: ignore[method-assign]
     app.state.settings = settings
     install_error_handlers(app)
-    add_routes(app, Vault(provider, authenticator, settings.max_plaintext_bytes), status)
+    add_status_routes(app, status)
+    vault = Vault(encryptor, decryptors, authenticator, settings.max_plaintext_bytes)
     app.add_middleware(
         CitadelMiddleware,
         authenticator=authenticator,
-        audit=AuditLog(audit_sink if audit_sink is not None else sys.stdout.buffer),
+        audit=audit,
         metrics=metrics,
         pseudonymize=pseudonymize,
-        body_limit=settings.max_plaintext_bytes * BODY_LIMIT_FACTOR + BODY_LIMIT_SLACK,
+        handlers=Operations(vault, settings.max_sign_message_bytes).handlers,
+        body_limits=body_limits(settings),
+        deadlines=deadlines,
         limiter=limiter,
+        trusted_proxies=settings.trusted_proxies,
     )
     return app
 
@@ -110,7 +136,10 @@ def create_app(
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` and for each worker of ``citadel serve --workers N``."""
     from citadel.audit import configure_logging
+    from citadel.server import GuardedHttpToolsProtocol
 
     settings = Settings()
     configure_logging(settings)
+    # Each worker process imports the protocol by name; its deadline comes from here.
+    GuardedHttpToolsProtocol.header_timeout_s = settings.read_timeout_s
     return create_app(settings)

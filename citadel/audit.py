@@ -4,8 +4,8 @@ Two streams share one renderer (orjson, one JSON object a line):
 
 - operational logs, through structlog's global configuration, with uvicorn's
   own records routed through the same processors;
-- the audit log, an :class:`AuditLog` that writes one line per encrypt or
-  decrypt request and raises :class:`~citadel.errors.AuditUnavailable` when the
+- the audit log, an :class:`AuditLog` that writes one line per operation
+  request and raises :class:`~citadel.errors.AuditUnavailable` when the
   line cannot be written, so that the request fails instead of going on
   unaudited (fail-closed, like Vault's audit devices).
 
@@ -14,11 +14,14 @@ Neither touches the stdlib ``logging`` machinery on the request path.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
+import select
 import sys
 import threading
 import time
@@ -128,8 +131,177 @@ def fingerprint(ciphertext: str) -> str:
     return hashlib.sha256(ciphertext.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+class FdSink:
+    """A file descriptor (standard output) written without ever blocking the event loop.
+
+    The audit line must be written before the response, but a stalled reader
+    (a log shipper that stopped reading a pipe) must not stall the process:
+    every write first asks ``poll(0)`` whether the descriptor can take data
+    now. Audit lines wait for room at most ``timeout_s``, then fail (the
+    request gets 503); once a wait has timed out, later audit lines fail at
+    once until the descriptor drains, so nothing queues behind a stalled
+    sink. Operational log lines never wait: they are dropped (and counted)
+    when there is no room. A line cut short by a partial write is finished
+    before any other byte, so lines never interleave.
+
+    Small writes to a pipe are atomic (``PIPE_BUF``), which also keeps the
+    lines of several worker processes sharing one pipe whole.
+    """
+
+    def __init__(self, fd: int = 1, timeout_s: float = 1.0) -> None:
+        self._fd = fd
+        self._timeout = timeout_s
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLOUT)
+        self._pending = b""
+        self._stalled = False
+        self._broken = False
+        self._lock = threading.Lock()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._watching: asyncio.AbstractEventLoop | None = None
+        self.dropped = 0
+
+    def _state(self) -> int:
+        events = self._poll.poll(0)
+        return events[0][1] if events else 0
+
+    def _room(self) -> bool:
+        state = self._state()
+        if state & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            self._broken = True
+            return False
+        return bool(state & select.POLLOUT)
+
+    def _put(self, data: bytes) -> bool:
+        """Write ``data`` after any pending tail; True when all of it is out. Lock held."""
+        if self._pending:
+            self._pending = self._pending[os.write(self._fd, self._pending) :]
+            if self._pending:
+                self._pending += data
+                return False
+        n = os.write(self._fd, data) if data else 0
+        if n < len(data):
+            self._pending = data[n:]
+            return False
+        return True
+
+    def try_write(self, data: bytes) -> bool:
+        """Best effort, for operational logs: write now or drop; never raises, never waits."""
+        with self._lock:
+            try:
+                if self._room() and (not self._pending or self._put(b"")):
+                    self._put(data)
+                    return True
+            except OSError:
+                self._broken = True
+            self.dropped += 1
+            return False
+
+    async def write(self, data: bytes) -> None:
+        """Write one whole line, waiting at most ``timeout_s``; ``AuditUnavailable`` otherwise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        to_write = data
+        while True:
+            with self._lock:
+                try:
+                    if self._room():
+                        if self._put(to_write):
+                            self._stalled = self._broken = False
+                            return
+                        to_write = b""  # handed over; only the pending tail remains
+                    elif self._broken or self._stalled:
+                        raise AuditUnavailable()
+                except OSError:
+                    self._broken = True
+                    raise AuditUnavailable() from None
+            left = deadline - loop.time()
+            if left <= 0 or not await self._wait_for_room(loop, left):
+                self._stalled = True
+                raise AuditUnavailable()
+
+    async def _wait_for_room(self, loop: asyncio.AbstractEventLoop, timeout: float) -> bool:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        if self._watching is None:
+            try:
+                loop.add_writer(self._fd, self._on_room)
+            except (OSError, ValueError):
+                return False  # cannot be watched: treat as stalled
+            self._watching = loop
+        try:
+            await asyncio.wait_for(waiter, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _on_room(self) -> None:
+        if self._watching is not None:
+            self._watching.remove_writer(self._fd)
+            self._watching = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def healthy(self) -> bool:
+        """False while the descriptor is closed or errored, or after a stalled audit write."""
+        with self._lock:
+            if self._stalled and self._room():
+                self._stalled = False
+            else:
+                self._room()
+            return not (self._broken or self._stalled)
+
+
+class StreamSink:
+    """A binary stream (tests, embedding); writes are synchronous."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._ok = True
+
+    def try_write(self, data: bytes) -> bool:
+        try:
+            self._put(data)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._put(data)
+        except (OSError, ValueError):
+            self._ok = False
+            raise AuditUnavailable() from None
+        self._ok = True
+
+    def _put(self, data: bytes) -> None:
+        with self._lock:
+            self._stream.write(data)
+            self._stream.flush()
+
+    def healthy(self) -> bool:
+        return self._ok
+
+
+Sink = FdSink | StreamSink
+_STDOUT: list[FdSink] = []
+
+
+def stdout_sink() -> FdSink:
+    """The process's one sink on standard output, shared by audit and operational logs."""
+    if not _STDOUT:
+        _STDOUT.append(FdSink(1))
+    return _STDOUT[0]
+
+
 class AuditLog:
-    """Writes audit events as JSON lines to a binary stream, fail-closed.
+    """Writes audit events as JSON lines, fail-closed.
 
     An event is built from a fixed set of fields (see :meth:`write`), each a
     name, code, pseudonym, number or fingerprint, never a free-form value from
@@ -137,11 +309,10 @@ class AuditLog:
     operational logs, and cheaper on the request path.
     """
 
-    def __init__(self, sink: IO[bytes]) -> None:
-        self._sink = sink
-        self._lock = threading.Lock()
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
 
-    def write(
+    async def write(
         self,
         *,
         operation: str,
@@ -152,8 +323,9 @@ class AuditLog:
         duration_ms: float,
         request_id: str,
         ct_fp: str | None,
+        extra: dict[str, str] | None = None,
     ) -> None:
-        """Write one event; raise ``AuditUnavailable`` if it cannot be written whole."""
+        """Write one event; raise ``AuditUnavailable`` if it cannot be written whole in time."""
         event = {
             "timestamp": utc_timestamp(),
             "event": "audit",
@@ -166,18 +338,18 @@ class AuditLog:
             "request_id": request_id,
             "ct_fp": ct_fp,
         }
-        line = orjson.dumps(event) + b"\n"
-        try:
-            with self._lock:
-                self._sink.write(line)
-                self._sink.flush()
-        except (OSError, ValueError):
-            raise AuditUnavailable() from None
+        if extra:
+            event.update(extra)
+        await self.sink.write(orjson.dumps(event) + b"\n")
+
+    def healthy(self) -> bool:
+        return self.sink.healthy()
 
 
 def configure_logging(settings: Settings, stream: BinaryIO | None = None) -> None:
     """Configure structlog and route uvicorn's stdlib records through the same renderer."""
-    out: Any = stream if stream is not None else _CurrentStdout()
+    sink: Sink = StreamSink(stream) if stream is not None else stdout_sink()
+    out = _BestEffort(sink)
     level = logging.getLevelNamesMapping()[settings.log_level.upper()]
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -188,11 +360,11 @@ def configure_logging(settings: Settings, stream: BinaryIO | None = None) -> Non
     renderer: Processor
     if settings.log_format == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-        factory: Any = structlog.BytesLoggerFactory(out)
+        factory: Any = structlog.BytesLoggerFactory(out)  # type: ignore[arg-type]
         std_renderer: Processor = structlog.processors.JSONRenderer(serializer=_orjson_dumps_str)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)
-        factory = structlog.WriteLoggerFactory(sys.stdout)
+        factory = structlog.WriteLoggerFactory(_BestEffortText(sink))  # type: ignore[arg-type]
         std_renderer = renderer
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
@@ -208,7 +380,7 @@ def configure_logging(settings: Settings, stream: BinaryIO | None = None) -> Non
             std_renderer,
         ],
     )
-    handler = _StdoutHandler()
+    handler = _SinkHandler(sink)
     handler.setFormatter(formatter)
     for name in ("uvicorn", "uvicorn.error", "citadel"):
         std = logging.getLogger(name)
@@ -223,26 +395,43 @@ def configure_logging(settings: Settings, stream: BinaryIO | None = None) -> Non
     access.disabled = True
 
 
-class _CurrentStdout:
-    """Standard output as it is at each write, so a redirected stdout is followed."""
+class _BestEffort:
+    """Operational log lines: written when the sink has room, dropped otherwise.
+
+    Logging must never fail or stall a request: the audit log, not this, is
+    what fails closed.
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
 
     def write(self, data: bytes) -> int:
-        return sys.stdout.buffer.write(data)
+        self._sink.try_write(data)
+        return len(data)
 
     def flush(self) -> None:
-        sys.stdout.buffer.flush()
-
-
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stdlib handler that, likewise, writes to the current standard output."""
-
-    @property
-    def stream(self) -> Any:
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, _value: Any) -> None:
         pass
+
+
+class _BestEffortText(_BestEffort):
+    def write(self, data: str) -> int:  # type: ignore[override]
+        self._sink.try_write(data.encode("utf-8", "replace"))
+        return len(data)
+
+
+class _SinkHandler(logging.Handler):
+    """uvicorn's stdlib records, rendered by structlog and written best-effort."""
+
+    def __init__(self, sink: Sink) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a record that cannot be formatted is dropped, never raised
+            return
+        self._sink.try_write(line.encode("utf-8", "replace") + b"\n")
 
 
 def _drop_exception_locals(
@@ -252,11 +441,12 @@ def _drop_exception_locals(
     # still hold data, so keep only the exception's type and the frames.
     exc = event_dict.pop("exc_info", None)
     if exc:
-        event_dict["exception"] = _safe_exception_text(exc)
+        event_dict["exception"] = safe_exception_text(exc)
     return event_dict
 
 
-def _safe_exception_text(exc_info: Any) -> str:
+def safe_exception_text(exc_info: Any) -> str:
+    """A traceback's frames and the exception's type; its message (which can hold data) withheld."""
     import traceback
 
     if exc_info is True:

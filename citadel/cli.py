@@ -35,14 +35,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Built in this process even with several workers, so that a bad set-up is
     # reported once, before any worker starts.
     app = create_app(settings)
-    common = {
-        "host": args.host,
-        "port": args.port,
-        "log_config": None,
-        "access_log": False,
-        "server_header": False,
-        "timeout_graceful_shutdown": 10,
-    }
+    from citadel.server import GuardedHttpToolsProtocol, uvicorn_options
+
+    common = {"host": args.host, "port": args.port, **uvicorn_options(settings.read_timeout_s)}
     if args.workers > 1:
         if settings.rate_limit_storage_uri.startswith("memory://"):
             import structlog
@@ -52,6 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 hint="set CITADEL_RATE_LIMIT_STORAGE_URI to a redis:// URI to share limits",
             )
+        # Worker processes import the app and the protocol by name.
+        common["http"] = f"{GuardedHttpToolsProtocol.__module__}:GuardedHttpToolsProtocol"
         uvicorn.run("citadel.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(app, **common)

@@ -1,21 +1,28 @@
-"""Plain ASGI middleware for the request path: HTTP → security → limits → app → audit.
+"""The request path of the operations: HTTP → security → limits → body → handler → audit.
 
-One layer does, in order, what every encrypt or decrypt request needs before
-the body is parsed: take or make the request id, authenticate the caller from
-``X-Internal-API-Key`` (401 whatever the body), check ``X-User-ID``, apply the
-rate limits, and refuse a body over the size limit (413). It then writes the
-audit event and the metrics when the response starts, and fails the request
-with 503 if the audit line cannot be written.
+For ``/encrypt``, ``/decrypt``, ``/sign`` and ``/rewrap`` this plain ASGI
+layer does everything, in order: take or make the request id, authenticate
+the caller from ``X-Internal-API-Key`` (401 whatever the body), check
+``X-User-ID``, apply the rate limits, read the body within its size limit
+(413) and ``CITADEL_READ_TIMEOUT_S`` (408), call the operation's handler,
+then write the audit event and the metrics and send the response, or 503 if
+the audit line cannot be written. Every other path goes on to FastAPI
+(``/health``, ``/ready``, ``/metrics``, the docs, 404 and 405).
 
-It is plain ASGI rather than ``BaseHTTPMiddleware``, which would cost a task
-and a copy of every response per request.
+The operations do not go through FastAPI's routing, request objects and
+exception middleware: that machinery cost more than everything Citadel does
+for a request (see docs/performance.md), and the operations need none of it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import itertools
 import os
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -23,39 +30,116 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from citadel.audit import AuditLog, Pseudonymizer
+from citadel.audit import AuditLog, Pseudonymizer, safe_exception_text
 from citadel.errors import (
     AuditUnavailable,
     CitadelError,
     InvalidRequest,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthenticated,
 )
-from citadel.http_errors import error_parts
+from citadel.http_errors import MethodNotAllowed, error_parts
 from citadel.metrics import Metrics
 from citadel.security import Authenticator
 
 if TYPE_CHECKING:
+    from citadel.config import Network
     from citadel.ratelimit import RateLimiter
 
 log = structlog.get_logger("citadel")
 
-OPERATIONS = {"/encrypt": "encrypt", "/decrypt": "decrypt"}
+OPERATIONS = {"/encrypt": "encrypt", "/decrypt": "decrypt", "/sign": "sign", "/rewrap": "rewrap"}
 REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 USER_ID = re.compile(rb"^[A-Za-z0-9_.:@-]{1,128}$")
-_NO_STORE = (b"cache-control", b"no-store")
+_OWS = b" \t"
+_JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+
+Handler = Callable[["RequestContext", bytes], Awaitable[bytes]]
 
 
 @dataclass(slots=True)
 class RequestContext:
-    """What the request path learns about one request; carried in ``scope["citadel"]``."""
+    """What the request path learns about one request; handlers fill in the audit fields."""
 
     request_id: str
-    operation: str | None
+    operation: str
     caller: str | None = None
     user_pseudonym: str | None = None
     ct_fp: str | None = None
     code: str | None = None
+    extra: dict[str, str] | None = None
+
+
+class _ClientGone(InvalidRequest):
+    default_detail = "The client closed the connection before the body arrived."
+
+
+class BodyDeadlines:
+    """``CITADEL_READ_TIMEOUT_S`` for request bodies, one timer for all requests.
+
+    A timer per request (``asyncio.timeout``) costs more than the rest of a
+    small request's body handling; here a request reading its body registers
+    its task and deadline in a dict, and one task sweeps it twice a second,
+    cancelling the reads that ran over. A body therefore times out between
+    ``timeout_s`` and ``timeout_s + 0.5`` seconds after its headers.
+    """
+
+    SWEEP_S = 0.5
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._reading: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.SWEEP_S)
+            now = loop.time()
+            for task, deadline in list(self._reading.items()):
+                if deadline <= now:
+                    del self._reading[task]
+                    self._expired.add(task)
+                    task.cancel()
+
+    async def read(self, receive: Receive, limit: int) -> bytes:
+        """The whole body; 413 past ``limit`` bytes, 408 past the deadline."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._reading[task] = asyncio.get_running_loop().time() + self.timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    raise _ClientGone()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge()
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            self._expired.discard(task)
+            task.uncancel()
+            raise RequestTimeout() from None
+        finally:
+            self._reading.pop(task, None)
 
 
 class CitadelMiddleware:
@@ -67,16 +151,22 @@ class CitadelMiddleware:
         audit: AuditLog,
         metrics: Metrics,
         pseudonymize: Pseudonymizer,
-        body_limit: int,
+        handlers: dict[str, Handler],
+        body_limits: dict[str, int],
+        deadlines: BodyDeadlines,
         limiter: RateLimiter | None = None,
+        trusted_proxies: Sequence[Network] = (),
     ) -> None:
         self.app = app
         self.auth = authenticator
         self.audit = audit
         self.metrics = metrics
         self.pseudonymize = pseudonymize
-        self.body_limit = body_limit
+        self.handlers = handlers
+        self.body_limits = body_limits
+        self.deadlines = deadlines
         self.limiter = limiter
+        self.trusted_proxies = tuple(trusted_proxies)
         self._requests = metrics.requests
         self._request_counters: dict[tuple[str, str, str], Any] = {}
         # Request ids need to be unique, not secret: a random per-process prefix
@@ -89,114 +179,97 @@ class CitadelMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        api_key = user = length = None
-        request_id = None
+        operation = OPERATIONS.get(scope["path"])
+        if operation is None:
+            await self._pass_on(scope, receive, send)
+            return
+        start = perf_counter()
+        api_key = user = request_id = length = forwarded = None
+        repeated_key = repeated_id = False
         for name, value in scope["headers"]:
             if name == b"x-internal-api-key":
+                repeated_key = api_key is not None
                 api_key = value
             elif name == b"x-user-id":
+                repeated_id = repeated_id or user is not None
                 user = value
             elif name == b"x-request-id":
+                repeated_id = repeated_id or request_id is not None
                 request_id = value
             elif name == b"content-length":
-                length = value
-        rid = (
+                length = value if length is None else b"repeated"
+            elif name == b"x-forwarded-for":
+                forwarded = value if forwarded is None else forwarded + b"," + value
+        if request_id is not None:
+            request_id = request_id.strip(_OWS)
+        ctx = RequestContext(
             request_id.decode()
-            if request_id is not None and REQUEST_ID.match(request_id)
-            else self._new_request_id()
+            if request_id is not None and not repeated_id and REQUEST_ID.match(request_id)
+            else self._new_request_id(),
+            operation,
         )
-        operation = OPERATIONS.get(scope["path"])
-        ctx = RequestContext(rid, operation)
-        scope["citadel"] = ctx
-        rid_header = (b"x-request-id", rid.encode())
-        if operation is None:
-
-            async def send_with_id(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message["headers"] = [*message.get("headers", ()), rid_header]
-                await send(message)
-
-            await self.app(scope, receive, send_with_id)
-            return
-        await self._operation(scope, receive, send, ctx, rid_header, api_key, user, length)
-
-    async def _operation(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        ctx: RequestContext,
-        rid_header: tuple[bytes, bytes],
-        api_key: bytes | None,
-        user: bytes | None,
-        length: bytes | None,
-    ) -> None:
-        start = perf_counter()
-        started = swallow = False
-
-        async def audited_send(message: Message) -> None:
-            nonlocal started, swallow
-            if message["type"] == "http.response.start":
-                started = True
-                if self._record(ctx, message["status"], start):
-                    message["headers"] = [*message.get("headers", ()), rid_header, _NO_STORE]
-                    await send(message)
-                else:
-                    swallow = True
-                    await self._send_error(send, AuditUnavailable(), rid_header)
-            elif not swallow:
-                await send(message)
-
+        status = 200
+        extra_headers: list[tuple[bytes, bytes]] = []
         try:
-            caller = self.auth.caller_for(api_key)
+            caller = None if repeated_key else self.auth.caller_for(_strip(api_key))
             if caller is None:
                 if self.limiter is not None:
-                    client = scope.get("client")
-                    await self.limiter.hit_auth_failure(client[0] if client else "unknown")
+                    await self.limiter.hit_auth_failure(self._client_address(scope, forwarded))
                 raise Unauthenticated()
             ctx.caller = caller
+            if repeated_id:
+                raise InvalidRequest("X-User-ID and X-Request-ID may each be sent once.")
             if user is not None:
+                user = user.strip(_OWS)
                 if not USER_ID.match(user):
                     raise InvalidRequest("X-User-ID must be 1 to 128 of A-Za-z0-9_.:@-.")
                 ctx.user_pseudonym = self.pseudonymize(user.decode())
             if self.limiter is not None:
                 # Budgets are keyed by the pseudonym: no raw user id reaches Redis.
                 await self.limiter.hit_caller(caller, ctx.user_pseudonym)
-            if length is None:
-                receive = await self._buffer_body(receive)
-            elif not length.isdigit():
-                raise InvalidRequest("Content-Length is not a number.")
-            elif int(length) > self.body_limit:
-                raise PayloadTooLarge()
+            if scope["method"] != "POST":
+                raise MethodNotAllowed()
+            limit = self.body_limits[operation]
+            if length is not None:
+                _check_length(length, limit)
+            body = await self.deadlines.read(receive, limit)
+            payload = await self.handlers[operation](ctx, body)
+            ctx.code = "ok"
         except CitadelError as err:
             ctx.code = err.code
-            ok = self._record(ctx, err.status, start)
-            await self._send_error(send, err if ok else AuditUnavailable(), rid_header)
-            return
-
-        try:
-            await self.app(scope, receive, audited_send)
+            status, payload, extra_headers = error_parts(err)
+            if isinstance(err, RequestTimeout | _ClientGone | PayloadTooLarge):
+                # The rest of the body may still be on its way: do not read it as a request.
+                extra_headers.append((b"connection", b"close"))
         except Exception as exc:
-            # A bug, never bad input: log the type only (messages can hold data).
-            log.error("unhandled_error", error_type=type(exc).__name__, request_id=ctx.request_id)
-            if started:
-                raise
-            ctx.code = "internal_error"
-            ok = self._record(ctx, 500, start)
-            await self._send_error(send, CitadelError() if ok else AuditUnavailable(), rid_header)
+            # A bug, never bad input: the type and the frames, never the message
+            # (it can hold data) or the locals.
+            log.error(
+                "unhandled_error",
+                error_type=type(exc).__name__,
+                exception=safe_exception_text(exc),
+                request_id=ctx.request_id,
+            )
+            internal = CitadelError()
+            ctx.code = internal.code
+            status, payload, extra_headers = error_parts(internal)
+        await self._respond(send, ctx, status, payload, extra_headers, start)
 
-    def _new_request_id(self) -> str:
-        return f"{self._rid_prefix}{next(self._rid_counter):016x}"
-
-    def _record(self, ctx: RequestContext, status: int, start: float) -> bool:
-        """Audit and count one response; False when the audit line could not be written."""
+    async def _respond(
+        self,
+        send: Send,
+        ctx: RequestContext,
+        status: int,
+        payload: bytes,
+        extra_headers: list[tuple[bytes, bytes]],
+        start: float,
+    ) -> None:
+        """Audit, count, then send; a response whose audit line failed is never sent."""
         elapsed = perf_counter() - start
-        operation = ctx.operation or ""
-        if ctx.code is None:
-            ctx.code = "ok" if status < 400 else "internal_error"
+        assert ctx.code is not None
         try:
-            self.audit.write(
-                operation=operation,
+            await self.audit.write(
+                operation=ctx.operation,
                 requestor=ctx.caller,
                 user_id=ctx.user_pseudonym,
                 success=status < 400,
@@ -204,47 +277,95 @@ class CitadelMiddleware:
                 duration_ms=round(elapsed * 1000, 3),
                 request_id=ctx.request_id,
                 ct_fp=ctx.ct_fp,
+                extra=ctx.extra,
             )
-            ok = True
-        except AuditUnavailable:
-            log.error("audit_write_failed", operation=operation, request_id=ctx.request_id)
-            ok = False
-        code = ctx.code if ok else AuditUnavailable.code
-        labels = (operation, ctx.caller or "unknown", code)
+        except AuditUnavailable as err:
+            log.error("audit_write_failed", operation=ctx.operation, request_id=ctx.request_id)
+            ctx.code = err.code
+            status, payload, extra_headers = error_parts(err)
+        self._count(ctx, elapsed)
+        headers = [
+            *_JSON_HEADERS,
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-request-id", ctx.request_id.encode()),
+            *extra_headers,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+    def _count(self, ctx: RequestContext, elapsed: float) -> None:
+        labels = (ctx.operation, ctx.caller or "unknown", ctx.code or "internal_error")
         counter = self._request_counters.get(labels)
         if counter is None:
             counter = self._request_counters[labels] = self._requests.labels(*labels)
         counter.inc()
-        self._durations[operation].observe(elapsed)
-        return ok
+        self._durations[ctx.operation].observe(elapsed)
 
-    async def _send_error(
-        self, send: Send, err: CitadelError, rid_header: tuple[bytes, bytes]
-    ) -> None:
-        status, body, headers = error_parts(err)
-        await send(
-            {"type": "http.response.start", "status": status, "headers": [*headers, rid_header]}
+    async def _pass_on(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Any other path: FastAPI answers; Citadel adds only the request id."""
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = None if request_id is not None else value.strip(_OWS)
+        rid = (
+            request_id
+            if request_id is not None and REQUEST_ID.match(request_id)
+            else self._new_request_id().encode()
         )
-        await send({"type": "http.response.body", "body": body})
 
-    async def _buffer_body(self, receive: Receive) -> Receive:
-        """Read a body sent without Content-Length, refusing it once it passes the limit."""
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.body_limit:
-                raise PayloadTooLarge()
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        pending: list[Message] = [{"type": "http.request", "body": b"".join(chunks)}]
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
 
-        async def replay() -> Message:
-            return pending.pop() if pending else await receive()
+        await self.app(scope, receive, send_with_id)
 
-        return replay
+    def _new_request_id(self) -> str:
+        return f"{self._rid_prefix}{next(self._rid_counter):016x}"
+
+    def _client_address(self, scope: Scope, forwarded: bytes | None) -> str:
+        """The address the auth-failure budget is counted for.
+
+        ``X-Forwarded-For`` is believed only from ``CITADEL_TRUSTED_PROXIES``,
+        and only up to the first hop that is not itself a trusted proxy, read
+        from the right: anything further left was written by the client.
+        """
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        if forwarded is None or not self.trusted_proxies or not self._trusted(peer):
+            return peer
+        hops = [h.strip() for h in forwarded.decode("latin-1").split(",")]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop if _is_address(hop) else peer
+        return peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
+
+
+def _strip(value: bytes | None) -> bytes | None:
+    return value.strip(_OWS) if value is not None else None
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_length(length: bytes, limit: int) -> None:
+    """Content-Length against the limit, before the body is read; digits only."""
+    length = length.strip(_OWS)
+    if not length.isdigit():
+        raise InvalidRequest("Content-Length is not one decimal number.")
+    digits = length.lstrip(b"0")
+    # Compare lengths first: int() of thousands of digits is slow, then refused.
+    if len(digits) > len(str(limit)) or int(digits or b"0") > limit:
+        raise PayloadTooLarge()

@@ -1,8 +1,9 @@
 """Rate limits on the ``limits`` library's async API, shared through Redis when configured.
 
-Three budgets, as the contract names them: per authenticated caller (encrypt
-and decrypt together), per end user (``X-User-ID``, across callers) and per
-client address for failed authentications. Only requests without a valid key
+Three budgets, as the contract names them: per authenticated caller (all
+operations together; ``CITADEL_RATE_LIMITS`` may give a caller its own), per
+end user (``X-User-ID``, across callers) and per client address for failed
+authentications. Only requests without a valid key
 touch the address budget: a caller with a valid key behind the same address
 (a NAT, a shared proxy) keeps working while a guesser next to it is refused,
 and a valid request costs no extra round trip to Redis. Keys from
@@ -34,7 +35,7 @@ from limits.aio.storage import Storage
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
-from citadel.config import Settings
+from citadel.config import SettingError, Settings
 from citadel.errors import RateLimited
 from citadel.metrics import Metrics
 
@@ -71,6 +72,12 @@ class LocalWindows:
         window[0] += 1
         return True
 
+    def refund(self, limit: RateLimitItem, scope: str, ident: str) -> None:
+        """Give back one hit of a window that is still open."""
+        window = self._windows.get((scope, ident))
+        if window is not None and window[1] > time.monotonic() and window[0] > 0:
+            window[0] -= 1
+
     def test(self, limit: RateLimitItem, scope: str, ident: str) -> bool:
         window = self._windows.get((scope, ident))
         return window is None or window[1] <= time.monotonic() or window[0] < limit.amount
@@ -103,6 +110,10 @@ class RateLimiter:
             "user": parse(settings.rate_limit_per_user),
             "auth": parse(settings.rate_limit_auth_failures),
         }
+        # CITADEL_RATE_LIMITS: a caller's own limit replaces the per-caller default.
+        self._caller_limits = {
+            caller: parse(limit) for caller, limit in (settings.rate_limits or {}).items()
+        }
         self._metrics = metrics
         self._rejected = {scope: metrics.rate_limited.labels(scope) for scope in self._limits}
         self._timeout = timeout_s
@@ -112,12 +123,18 @@ class RateLimiter:
         self._shared: FixedWindowRateLimiter | None = None
         uri = settings.rate_limit_storage_uri
         if not uri.startswith("memory://"):
-            storage = storage_from_string(
-                "async+" + uri,
-                wrap_exceptions=True,
-                connect_timeout=timeout_s,
-                stream_timeout=timeout_s,
-            )
+            try:
+                storage = storage_from_string(
+                    "async+" + uri,
+                    wrap_exceptions=True,
+                    connect_timeout=timeout_s,
+                    stream_timeout=timeout_s,
+                )
+            except Exception:
+                # The library's message quotes the URI, password included.
+                raise SettingError(
+                    "CITADEL_RATE_LIMIT_STORAGE_URI", "is not a usable storage URI"
+                ) from None
             assert isinstance(storage, Storage)
             self._shared_storage = storage
             self._shared = FixedWindowRateLimiter(storage)
@@ -142,33 +159,47 @@ class RateLimiter:
 
     async def hit_auth_failure(self, address: str) -> None:
         """Count a failed authentication; raise ``RateLimited`` once over budget."""
-        if not await self._call("hit", "auth", address):
-            await self._reject("auth", address)
+        limit = self._limits["auth"]
+        if not await self._hit(limit, "auth", address):
+            await self._reject(limit, "auth", address)
 
     async def hit_caller(self, caller: str, user: str | None) -> None:
-        """Spend one unit of the caller's budget and, with a user id, of the user's."""
-        if not await self._call("hit", "caller", caller):
-            await self._reject("caller", caller)
-        if user is not None and not await self._call("hit", "user", user):
-            await self._reject("user", user)
+        """Spend one unit of the caller's budget and, with a user id, of the user's.
 
-    async def _call(self, method: str, scope: str, ident: str) -> bool:
-        limit = self._limits[scope]
+        A request refused by one limit is not charged to the other: one user's
+        refused retries must not use up the caller's budget for every other
+        user. The caller's unit is given back when the user's limit refuses:
+        an extra round trip on refusals only, where checking both first would
+        cost one on every request.
+        """
+        limit = self._caller_limits.get(caller, self._limits["caller"])
+        if not await self._hit(limit, "caller", caller):
+            await self._reject(limit, "caller", caller)
+        if user is not None:
+            user_limit = self._limits["user"]
+            if not await self._hit(user_limit, "user", user):
+                await self._hit(limit, "caller", caller, refund=True)
+                await self._reject(user_limit, "user", user)
+
+    async def _hit(
+        self, limit: RateLimitItem, scope: str, ident: str, *, refund: bool = False
+    ) -> bool:
         if self._shared is not None and not self.degraded:
             try:
-                return bool(
-                    await asyncio.wait_for(
-                        getattr(self._shared, method)(limit, scope, ident), self._timeout
-                    )
+                return await asyncio.wait_for(
+                    self._shared.hit(limit, scope, ident, cost=-1 if refund else 1),
+                    self._timeout,
                 )
             except Exception:
                 # Any trouble with the shared storage means: fall back, never fail.
                 self._degrade()
-        return bool(getattr(self._memory, method)(limit, scope, ident))
+        if refund:
+            self._memory.refund(limit, scope, ident)
+            return True
+        return self._memory.hit(limit, scope, ident)
 
-    async def _reject(self, scope: str, ident: str) -> None:
+    async def _reject(self, limit: RateLimitItem, scope: str, ident: str) -> None:
         self._rejected[scope].inc()
-        limit = self._limits[scope]
         reset_at = self._memory.reset_at(limit, scope, ident)
         if self._shared is not None and not self.degraded:
             with contextlib.suppress(Exception):

@@ -1,25 +1,52 @@
-"""The vault: what encrypt and decrypt mean, independent of HTTP."""
+"""The vault: what each operation means, independent of HTTP.
+
+One provider encrypts (``CITADEL_PROVIDER``); every provider named in
+``CITADEL_DECRYPT_PROVIDERS`` decrypts the ciphertexts that carry its prefix
+(``cit1:`` local, ``ev:`` Evervault), so data can move from one provider to
+the other by rewrapping while both keep working.
+"""
 
 from __future__ import annotations
 
-from citadel.errors import Forbidden, InvalidRequest, PayloadTooLarge
+import asyncio
+from collections.abc import Sequence
+
+from citadel import signing
+from citadel.errors import Forbidden, InvalidCiphertext, InvalidRequest, PayloadTooLarge
 from citadel.providers.base import Provider
 from citadel.security import Authenticator
 
+# Signing with these takes long enough (RSA: about a millisecond) that it
+# runs in a worker thread instead of holding the event loop.
+_SLOW_ALGORITHMS = frozenset({"rsa-pkcs1v15-sha256"})
+
 
 class Vault:
-    """Checks the ACL and the size limit, then asks the provider."""
+    """Checks the ACL and the size limit, then asks the provider that owns the data."""
 
     def __init__(
-        self, provider: Provider, authenticator: Authenticator, max_plaintext_bytes: int
+        self,
+        encryptor: Provider,
+        decryptors: Sequence[Provider],
+        authenticator: Authenticator,
+        max_plaintext_bytes: int,
     ) -> None:
-        self.provider = provider
+        self.provider = encryptor
+        self.decryptors = tuple(decryptors)
+        self._routes = tuple((p.prefix, p) for p in self.decryptors)
         self._auth = authenticator
         self._max = max_plaintext_bytes
 
     def authorize(self, caller: str, operation: str) -> None:
         if not self._auth.allowed(caller, operation):
             raise Forbidden()
+
+    def owner(self, ciphertext: str) -> Provider:
+        """The decrypting provider whose prefix the ciphertext carries."""
+        for prefix, provider in self._routes:
+            if ciphertext.startswith(prefix):
+                return provider
+        raise InvalidCiphertext()
 
     async def encrypt(self, caller: str, plaintext: str) -> str:
         self.authorize(caller, "encrypt")
@@ -34,4 +61,41 @@ class Vault:
 
     async def decrypt(self, caller: str, ciphertext: str) -> str:
         self.authorize(caller, "decrypt")
-        return await self.provider.decrypt(ciphertext)
+        return await self.owner(ciphertext).decrypt(ciphertext)
+
+    async def rewrap(self, caller: str, ciphertext: str) -> str:
+        """The same plaintext, encrypted again by the encrypting provider under its active key."""
+        self.authorize(caller, "rewrap")
+        plaintext = await self.owner(ciphertext).decrypt(ciphertext)
+        return await self.provider.encrypt(plaintext)
+
+    async def sign(
+        self,
+        caller: str,
+        ciphertext: str,
+        *,
+        algorithm: str,
+        message: bytes,
+        key_encoding: str,
+        signature_encoding: str,
+    ) -> str:
+        """Sign ``message`` with the secret inside ``ciphertext``; only the signature leaves."""
+        self.authorize(caller, "sign")
+        secret = await self.owner(ciphertext).decrypt(ciphertext)
+        if algorithm in _SLOW_ALGORITHMS:
+            signature: str = await asyncio.to_thread(
+                signing.sign,
+                algorithm,
+                secret,
+                message,
+                key_encoding=key_encoding,
+                signature_encoding=signature_encoding,
+            )
+            return signature
+        return signing.sign(
+            algorithm,
+            secret,
+            message,
+            key_encoding=key_encoding,
+            signature_encoding=signature_encoding,
+        )

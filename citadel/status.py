@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -9,6 +10,7 @@ from citadel.metrics import Metrics
 from citadel.providers.base import BreakerState, Provider
 
 if TYPE_CHECKING:
+    from citadel.audit import AuditLog
     from citadel.ratelimit import RateLimiter
 
 try:
@@ -18,34 +20,51 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 
 class StatusReport:
+    """Ready when every provider can serve and the audit log can be written."""
+
     def __init__(
-        self, provider: Provider, metrics: Metrics, limiter: RateLimiter | None = None
+        self,
+        provider: Provider,
+        metrics: Metrics,
+        limiter: RateLimiter | None = None,
+        *,
+        decryptors: Sequence[Provider] = (),
+        audit: AuditLog | None = None,
     ) -> None:
         self.provider = provider
+        self.providers = tuple(dict.fromkeys([provider, *decryptors]))
         self.metrics = metrics
         self.limiter = limiter
+        self.audit = audit
+
+    def _breaker(self) -> BreakerState:
+        """The worst breaker among the providers (only Evervault has one)."""
+        states = [p.breaker_state() for p in self.providers]
+        for state in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+            if state in states:
+                return state
+        return BreakerState.CLOSED
 
     def ready(self) -> bool:
-        return self.provider.ready() and self.provider.breaker_state() is not BreakerState.OPEN
+        return (
+            all(p.ready() for p in self.providers)
+            and self._breaker() is not BreakerState.OPEN
+            and (self.audit is None or self.audit.healthy())
+        )
 
     def body(self) -> dict[str, Any]:
-        breaker = self.provider.breaker_state()
-        degraded = (
-            breaker is BreakerState.OPEN
-            or not self.provider.ready()
-            or (self.limiter is not None and self.limiter.degraded)
-        )
+        degraded = not self.ready() or (self.limiter is not None and self.limiter.degraded)
         return {
             "status": "degraded" if degraded else "healthy",
             "service": "citadel",
             "version": VERSION,
             "provider": self.provider.name,
-            "breaker": breaker.value,
+            "breaker": self._breaker().value,
+            "decrypt_providers": [p.name for p in self.providers],
         }
 
     def refresh_gauges(self) -> None:
-        self.metrics.breaker_state.labels(self.provider.name).set(
-            self.provider.breaker_state().gauge
-        )
+        for provider in self.providers:
+            self.metrics.breaker_state.labels(provider.name).set(provider.breaker_state().gauge)
         if self.limiter is not None:
             self.metrics.limiter_degraded.set(1 if self.limiter.degraded else 0)

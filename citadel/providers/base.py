@@ -21,6 +21,7 @@ class Provider(Protocol):
     """Encrypts and decrypts strings; raises only :mod:`citadel.errors` types."""
 
     name: str
+    prefix: str  # what every ciphertext this provider makes starts with
 
     async def start(self) -> None:
         """Acquire keys or connections; must not block start-up on a remote service."""
@@ -38,4 +39,4 @@ class Provider(Protocol):
         """Return a ciphertext that :meth:`decrypt` turns back into ``plaintext``."""
 
     async def decrypt(self, ciphertext: str) -> str:
-        """Return the plaintext, or raise ``InvalidCiphertext`` / ``ProviderUnavailable``."""
+        """The plaintext, or ``InvalidCiphertext`` / ``KeyRetired`` / ``ProviderUnavailable``."""

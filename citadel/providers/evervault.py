@@ -91,6 +91,7 @@ def _retry_after(value: str | None) -> int:
 
 class EvervaultProvider:
     name = "evervault"
+    prefix = "ev:"
 
     def __init__(
         self,

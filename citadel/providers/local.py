@@ -20,13 +20,18 @@ import binascii
 import os
 import threading
 
+import structlog
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from citadel.config import SettingError, Settings
 from citadel.errors import InvalidCiphertext
-from citadel.keyring import Keyring
+from citadel.keyring import Keyring, create_keyring, load_keyring
+from citadel.metrics import Metrics
 from citadel.providers.base import BreakerState
+
+log = structlog.get_logger("citadel")
 
 PREFIX = "cit1"
 NONCE_BYTES = 24
@@ -77,12 +82,27 @@ class LocalProvider:
     """Encrypts in-process; the work is a few microseconds, so it runs inline on the loop."""
 
     name = "local"
+    prefix = PREFIX + ":"
 
     def __init__(self, keyring: Keyring) -> None:
         self._ciphers = {kid: XAES256GCM(key) for kid, key in keyring.keys.items()}
         self._active = keyring.active
         self._header = f"{PREFIX}:{keyring.active}:"
         self._header_bytes = self._header.encode()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics, *, create: bool) -> LocalProvider:
+        """The keyring at ``CITADEL_LOCAL_KEYRING``; created in development when ``create``."""
+        path = settings.local_keyring
+        if create and settings.env == "development" and create_keyring(path, origin="auto"):
+            log.info("keyring_created", path=str(path))
+        keyring = load_keyring(path)
+        if settings.env == "production" and keyring.origin == "auto":
+            raise SettingError(
+                "CITADEL_LOCAL_KEYRING",
+                "was auto-created for development; create one with `citadel keyring init`",
+            )
+        return cls(keyring)
 
     async def start(self) -> None:
         return None

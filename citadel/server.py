@@ -1,0 +1,142 @@
+"""The HTTP server: uvicorn's settings and the guards that must act while parsing.
+
+uvicorn's httptools protocol accepts request headers of any size and takes
+as long as the client likes to send them; its parser's cost grows
+quadratically with a header sent in many pieces, so one client sending an
+80 MB header stalled every other request. :class:`GuardedHttpToolsProtocol`
+refuses a request whose headers pass 64 KiB with 431, counted as the bytes
+arrive and before the parser sees them, and closes a connection whose
+headers do not complete within ``CITADEL_READ_TIMEOUT_S``. Bodies are timed
+by the request path (:mod:`citadel.middleware`), which can audit the 408.
+
+uvicorn's own ``X-Forwarded-For`` handling is off: it trusts 127.0.0.1 by
+default, so a sidecar passing the header through would let any client pick
+its address. Citadel reads the header itself, from ``CITADEL_TRUSTED_PROXIES``
+only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def _refusal(status: int, reason: bytes, code: str, detail: str) -> bytes:
+    body = orjson.dumps({"detail": detail, "code": code})
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"cache-control: no-store\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+_TOO_LARGE = _refusal(
+    431,
+    b"Request Header Fields Too Large",
+    "headers_too_large",
+    "The request headers are over 64 KiB.",
+)
+_BAD_REQUEST = _refusal(400, b"Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
+_TIMEOUT = _refusal(
+    408, b"Request Timeout", "request_timeout", "The request headers did not arrive in time."
+)
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """httptools with a header size limit, a header deadline and JSON refusals."""
+
+    header_timeout_s: float = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Bytes of the current request's head seen so far; None while its body is read.
+        self._head_bytes: int | None = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes is not None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+            room = MAX_HEADER_BYTES - self._head_bytes
+            if len(data) > room:
+                # Feed only what fits: if the head ends inside it, the rest is body.
+                super().data_received(data[:room])
+                if self._head_bytes is not None:
+                    self._refuse(_TOO_LARGE)
+                    return
+                data = data[room:]
+                if self.transport.is_closing():
+                    return
+            else:
+                self._head_bytes += len(data)
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = None
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_bytes = 0  # the next bytes on this connection start a new request
+
+    def on_response_complete(self) -> None:
+        # A response sent before its request's body arrived (an early 401, a
+        # 413): the rest of that body must not be read as the next request,
+        # nor may a client trickling it hold the connection.
+        if self.cycle is not None and self.cycle.more_body and not self.pipeline:
+            self.transport.close()
+            return
+        super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(_BAD_REQUEST)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._head_bytes is not None and not self.transport.is_closing():
+            self._refuse(_TIMEOUT)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _refuse(self, response: bytes) -> None:
+        self._cancel_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+
+def protocol_for(header_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class with this instance's header deadline."""
+    return type(
+        "CitadelHttpProtocol", (GuardedHttpToolsProtocol,), {"header_timeout_s": header_timeout_s}
+    )
+
+
+def uvicorn_options(header_timeout_s: float) -> dict[str, Any]:
+    """The uvicorn settings every Citadel server runs with (``citadel serve`` and the tests)."""
+    return {
+        "http": protocol_for(header_timeout_s),
+        "proxy_headers": False,
+        "server_header": False,
+        "log_config": None,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
