@@ -14,7 +14,6 @@ from citadel.api import add_routes
 from citadel.audit import AuditLog, Pseudonymizer, pseudonym_key
 from citadel.config import SettingError, Settings
 from citadel.http_errors import install_error_handlers
-from citadel.keyring import create_keyring, load_keyring
 from citadel.metrics import Metrics
 from citadel.middleware import CitadelMiddleware
 from citadel.providers.base import Provider
@@ -38,16 +37,7 @@ def build_provider(settings: Settings, metrics: Metrics) -> Provider:
         from citadel.providers.evervault import EvervaultProvider
 
         return EvervaultProvider.from_settings(settings, metrics)
-    path = settings.local_keyring
-    if settings.env == "development" and create_keyring(path, origin="auto"):
-        log.info("keyring_created", path=str(path))
-    keyring = load_keyring(path)
-    if settings.env == "production" and keyring.origin == "auto":
-        raise SettingError(
-            "CITADEL_LOCAL_KEYRING",
-            "was auto-created for development; create one with `citadel keyring init`",
-        )
-    return LocalProvider(keyring)
+    return LocalProvider.from_settings(settings, metrics, create=True)
 
 
 def create_app(

@@ -45,7 +45,7 @@ def test_existing_keyring_is_loaded_not_regenerated(tmp_path: Path) -> None:
 
 def _create(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     create_keyring(Path(path), origin="auto")
-    queue.put(load_keyring(Path(path)).keys)
+    queue.put(load_keyring(Path(path)).decrypting())
 
 
 def test_concurrent_creation_ends_with_one_key(tmp_path: Path) -> None:
