@@ -12,7 +12,6 @@ from pydantic_settings import SettingsError
 from citadel.config import SettingError, Settings, describe_settings_error
 from citadel.keyring import (
     Key,
-    Keyring,
     KeyringError,
     change_keyring,
     create_keyring,
@@ -138,14 +137,9 @@ def cmd_keyring(args: argparse.Namespace) -> int:
         elif action == "rotate":
             print(f"added and activated key {rotate_keyring(path)} in {path}")
         elif action == "add":
-            new = Key.generate()
-
-            def add(ring: Keyring) -> Keyring:
-                # Re-drawn if taken: the id must be new to this keyring.
-                key = new if new.id not in ring.ids else Key.generate(taken=ring.ids)
-                return ring.add(key)
-
-            before, after = change_keyring(path, add)
+            before, after = change_keyring(
+                path, lambda ring: ring.add(Key.generate(taken=ring.ids))
+            )
             (added,) = after.ids - before.ids
             print(
                 f"added key {added} to {path}, in force but not active; once every instance "

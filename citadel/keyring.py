@@ -320,13 +320,10 @@ def change_keyring(path: Path, change: Callable[[Keyring], Keyring]) -> tuple[Ke
 
 def rotate_keyring(path: Path) -> str:
     """Add a fresh key and make it active; older keys stay in force. Returns its id."""
-    key_id = ""
 
     def rotate(ring: Keyring) -> Keyring:
-        nonlocal key_id
         key = Key.generate(taken=ring.ids)
-        key_id = key.id
         return ring.add(key).activate(key.id)
 
-    change_keyring(path, rotate)
-    return key_id
+    _, after = change_keyring(path, rotate)
+    return after.active
