@@ -220,7 +220,7 @@ class FdSink:
                 self._stalled = True
                 raise AuditUnavailable()
 
-    async def _wait_for_room(self, loop: asyncio.AbstractEventLoop, timeout: float) -> bool:
+    async def _wait_for_room(self, loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters.append(waiter)
         if self._watching is None:
@@ -230,7 +230,7 @@ class FdSink:
                 return False  # cannot be watched: treat as stalled
             self._watching = loop
         try:
-            await asyncio.wait_for(waiter, timeout)
+            await asyncio.wait_for(waiter, seconds)
             return True
         except TimeoutError:
             return False

@@ -10,7 +10,15 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from citadel.config import SettingError, Settings, describe_settings_error
-from citadel.keyring import KeyringError, create_keyring, load_keyring, rotate_keyring
+from citadel.keyring import (
+    Key,
+    KeyringError,
+    change_keyring,
+    create_keyring,
+    load_keyring,
+    resolve,
+    rotate_keyring,
+)
 
 EXIT_CONFIG = 2
 
@@ -67,21 +75,96 @@ def cmd_keygen(_args: argparse.Namespace) -> int:
 def cmd_audit_pseudonym(args: argparse.Namespace) -> int:
     from citadel.audit import Pseudonymizer, pseudonym_key
 
-    print(Pseudonymizer(pseudonym_key(_settings()))(args.user_id))
+    settings = _settings()
+    if settings.audit_pseudonym_key is not None:
+        key = pseudonym_key(settings)  # checks it; creates nothing when the setting is given
+    elif settings.env == "production":
+        return _fail("CITADEL_AUDIT_PSEUDONYM_KEY is unset; it is required in production")
+    else:
+        # The server creates this file in development; an investigation must
+        # read the key the server used, and never make up a new one.
+        path = settings.dev_dir / "audit-pseudonym.key"
+        try:
+            key = path.read_bytes().strip()
+        except FileNotFoundError:
+            return _fail(
+                f"no audit pseudonym key: CITADEL_AUDIT_PSEUDONYM_KEY is unset and {path} "
+                "does not exist"
+            )
+        except OSError as exc:
+            return _fail(f"no audit pseudonym key: {path} cannot be read ({exc.strerror})")
+        if not key:
+            return _fail(f"no audit pseudonym key: {path} is empty")
+    print(Pseudonymizer(key)(args.user_id))
     return 0
 
 
+def _keyring_path(args: argparse.Namespace) -> Path:
+    path: str | None = getattr(args, "path", None)
+    return Path(path) if path else _settings().local_keyring
+
+
+def _show(path: Path) -> None:
+    ring = load_keyring(path)
+    target = resolve(path)
+    where = f"{path} -> {target}" if target != path.absolute() else str(path)
+    print(f"{where}: origin {ring.origin}, active {ring.active}")
+    rows: list[tuple[str, ...]] = [
+        ("KEY ID", "STATE", "CREATED", "ACTIVATED", "RETIRED", "RESTORED")
+    ]
+    for key in ring.keys:
+        dates = (key.created, key.activated_at, key.retired_at, key.restored_at)
+        rows.append((key.id, ring.state_of(key.id), *(d or "-" for d in dates)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
 def cmd_keyring(args: argparse.Namespace) -> int:
-    path = Path(args.path) if args.path else _settings().local_keyring
-    if args.action == "init":
-        if not create_keyring(path, origin="operator"):
-            return _fail(f"{path} exists; use `citadel keyring rotate` to add a key")
-        print(f"created {path} with key {load_keyring(path).active}")
-    elif args.action == "rotate":
-        print(f"added and activated key {rotate_keyring(path)} in {path}")
-    else:
-        ring = load_keyring(path)
-        print(f"{path}: active {ring.active}; keys {', '.join(sorted(ring.keys))}")
+    path = _keyring_path(args)
+    action: str = args.action
+    key_id: str = getattr(args, "key_id", "")
+    try:
+        if action == "init":
+            if not create_keyring(path, origin="operator"):
+                return _fail(f"{path} exists; use `citadel keyring rotate` to add a key")
+            print(f"created {path} with key {load_keyring(path).active} (active)")
+        elif action == "show":
+            _show(path)
+        elif action == "rotate":
+            print(f"added and activated key {rotate_keyring(path)} in {path}")
+        elif action == "add":
+            before, after = change_keyring(
+                path, lambda ring: ring.add(Key.generate(taken=ring.ids))
+            )
+            (added,) = after.ids - before.ids
+            print(
+                f"added key {added} to {path}, in force but not active; once every instance "
+                f"has it (2 s for running servers), run `citadel keyring activate {added}`"
+            )
+        elif action == "activate":
+            before, after = change_keyring(path, lambda ring: ring.activate(key_id))
+            if before == after:
+                print(f"key {key_id} is already active in {path}")
+            else:
+                print(f"activated key {key_id} in {path}; {before.active} stays in force")
+        elif action == "retire":
+            before, after = change_keyring(path, lambda ring: ring.retire(key_id))
+            if before == after:
+                print(f"key {key_id} is already retired in {path}")
+            else:
+                print(
+                    f"retired key {key_id} in {path}; its ciphertexts now fail with "
+                    f"key_retired (`citadel keyring restore {key_id}` undoes this)"
+                )
+        else:  # restore
+            before, after = change_keyring(path, lambda ring: ring.restore(key_id))
+            state = "already in force" if before == after else "restored: in force again"
+            print(f"key {key_id} {state} in {path}")
+    except KeyringError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot change {path}: {exc.strerror}")
     return 0
 
 
@@ -99,8 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     pseudo.add_argument("user_id")
     pseudo.set_defaults(func=cmd_audit_pseudonym)
     ring = sub.add_parser("keyring", help="manage the local provider's keyring")
-    ring.add_argument("action", choices=["init", "rotate", "show"])
-    ring.add_argument("--path", help="keyring file (default: CITADEL_LOCAL_KEYRING)")
+    path_help = "keyring file (default: CITADEL_LOCAL_KEYRING)"
+    ring.add_argument("--path", help=path_help)
+    actions = ring.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("init", "create a keyring with one active key"),
+        ("show", "print key ids, states and dates (never key material)"),
+        ("rotate", "add a key and activate it"),
+        ("add", "add a key that decrypts but does not encrypt yet"),
+        ("activate", "make KEY_ID the key that encrypts"),
+        ("retire", "keep KEY_ID but decrypt nothing with it"),
+        ("restore", "bring a retired KEY_ID back in force"),
+    ):
+        one = actions.add_parser(action, help=text)
+        if action in ("activate", "retire", "restore"):
+            one.add_argument("key_id", metavar="KEY_ID")
+        # SUPPRESS: a --path given before the action must not be reset by this default.
+        one.add_argument("--path", default=argparse.SUPPRESS, help=path_help)
     ring.set_defaults(func=cmd_keyring)
     return parser
 

@@ -1,7 +1,8 @@
 """Prometheus metrics, one registry per app so that test apps do not collide.
 
 Label values are bounded and never secret: operations, configured caller names
-(or ``unknown``), contract codes, provider names, limit scopes.
+(or ``unknown``), contract codes, provider names, limit scopes, keyring key
+ids (8 hex digits that name a key, not key material).
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ class Metrics:
             "citadel_rate_limited",
             "Requests refused by a rate limit, by scope (caller, user, auth).",
             ["scope"],
+            registry=self.registry,
+        )
+        self.keyring_decrypts = Counter(
+            "citadel_keyring_decrypts",
+            "Successful local-provider decrypts by keyring key id: a key that stays at zero "
+            "no longer decrypts stored data, so it can retire.",
+            ["key_id"],
             registry=self.registry,
         )
         self.limiter_degraded = Gauge(

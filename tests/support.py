@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -205,3 +209,61 @@ class FakeTime:
 
     async def asleep(self, seconds: float) -> None:
         self.sleep(seconds)
+
+
+# -- citadel as a real process (tests/test_cli.py, tests/test_keyring_fleet.py) ----
+
+CITADEL = [sys.executable, "-m", "citadel"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CITADEL_", "EVERVAULT_"))}
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CITADEL, *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=30
+    )
+
+
+@contextmanager
+def serving(
+    cwd: Path, *args: str, log: Path | None = None, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``citadel serve`` on a free port until it answers /health.
+
+    Its output is piped, for tests that read it after the server stopped; a
+    server under sustained load would fill the pipe and block on its audit
+    writes, so such tests pass ``log``, a file the output goes to instead.
+    """
+    port = free_port()
+    out = open(log, "ab") if log is not None else subprocess.PIPE  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*CITADEL, "serve", "--port", str(port), *args],
+        cwd=cwd,
+        env=clean_env(**env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                output = proc.stdout.read() if proc.stdout else log.read_text() if log else ""
+                raise RuntimeError(f"citadel did not start: {output}")
+            time.sleep(0.05)
+        yield url, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        if log is not None:
+            out.close()  # type: ignore[union-attr]

@@ -5,65 +5,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import signal
 import stat
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from support import free_port
+from support import free_port, run, serving
 
-CITADEL = [sys.executable, "-m", "citadel"]
 SECRET_VALUE = "CANARY-SETTING-VALUE-91x"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CITADEL_", "EVERVAULT_"))}
-    env.update(extra)
-    return env
-
-
-def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CITADEL, *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=30
-    )
-
-
-@contextmanager
-def serving(cwd: Path, *args: str, **env: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*CITADEL, "serve", "--port", str(port), *args],
-        cwd=cwd,
-        env=clean_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"citadel did not start: {proc.stdout.read() if proc.stdout else ''}"
-                )
-            time.sleep(0.05)
-        yield url, proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
 
 
 @pytest.mark.parametrize(
@@ -222,3 +172,173 @@ def test_workers_share_one_keyring(tmp_path: Path) -> None:
             r = httpx.post(url + "/decrypt", json={"encrypted_data": ct}, headers=c)
             assert r.json() == {"plaintext": f"p{i}"}
     assert "rate_limits_per_worker" in (proc.stdout.read() if proc.stdout else "")
+
+
+# -- citadel keyring ----------------------------------------------------------------
+
+
+def key_strings(path: Path) -> list[str]:
+    """The base64 key material in a keyring file: canaries that no output may hold."""
+    return [entry["key"] for entry in json.loads(path.read_text())["keys"]]
+
+
+def keyring(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run(["keyring", *args, "--path", str(tmp_path / "keyring.json")], tmp_path)
+
+
+def test_keyring_lifecycle_from_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    assert keyring(tmp_path, "init").returncode == 0
+    first = json.loads(path.read_text())["active"]
+    assert keyring(tmp_path, "add").returncode == 0
+    (added,) = {e["id"] for e in json.loads(path.read_text())["keys"]} - {first}
+    assert json.loads(path.read_text())["active"] == first  # add does not activate
+    assert keyring(tmp_path, "activate", added).returncode == 0
+    assert keyring(tmp_path, "retire", first).returncode == 0
+    states = {e["id"]: e["state"] for e in json.loads(path.read_text())["keys"]}
+    assert states == {first: "retired", added: "in_force"}
+    assert json.loads(path.read_text())["active"] == added
+    assert keyring(tmp_path, "restore", first).returncode == 0
+    assert json.loads(path.read_text())["keys"][0]["state"] == "in_force"
+
+
+def test_keyring_show_prints_ids_states_and_dates_never_key_material(tmp_path: Path) -> None:
+    keyring(tmp_path, "init")
+    keyring(tmp_path, "rotate")
+    doc = json.loads((tmp_path / "keyring.json").read_text())
+    old = next(e["id"] for e in doc["keys"] if e["id"] != doc["active"])
+    keyring(tmp_path, "retire", old)
+    result = keyring(tmp_path, "show")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(doc["active"]) and " active " in line for line in lines)
+    assert any(line.startswith(old) and " retired " in line for line in lines)
+    assert doc["keys"][0]["created"] in result.stdout
+    for canary in key_strings(tmp_path / "keyring.json"):
+        assert canary not in result.stdout + result.stderr
+
+
+def test_no_keyring_command_ever_prints_key_material(tmp_path: Path) -> None:
+    outputs = [keyring(tmp_path, "init"), keyring(tmp_path, "add"), keyring(tmp_path, "rotate")]
+    doc = json.loads((tmp_path / "keyring.json").read_text())
+    others = [e["id"] for e in doc["keys"] if e["id"] != doc["active"]]
+    outputs += [
+        keyring(tmp_path, "retire", others[0]),
+        keyring(tmp_path, "restore", others[0]),
+        keyring(tmp_path, "activate", others[1]),
+        keyring(tmp_path, "retire", others[1]),  # refused: active
+        keyring(tmp_path, "show"),
+    ]
+    text = "".join(r.stdout + r.stderr for r in outputs)
+    for canary in key_strings(tmp_path / "keyring.json"):
+        assert canary not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["retire", "ACTIVE"], "active key"),
+        (["activate", "0badc0de"], "no key"),
+        (["retire", "0badc0de"], "no key"),
+        (["restore", "0badc0de"], "no key"),
+        (["activate", "RETIRED"], "retired"),
+        (["init"], "exists"),
+    ],
+    ids=[
+        "retire-active",
+        "activate-unknown",
+        "retire-unknown",
+        "restore-unknown",
+        "activate-retired",
+        "init-existing",
+    ],
+)
+def test_keyring_misuse_exits_2_with_one_line_and_changes_nothing(
+    tmp_path: Path, args: list[str], problem: str
+) -> None:
+    keyring(tmp_path, "init")
+    keyring(tmp_path, "rotate")
+    doc = json.loads((tmp_path / "keyring.json").read_text())
+    retired = next(e["id"] for e in doc["keys"] if e["id"] != doc["active"])
+    keyring(tmp_path, "retire", retired)
+    before = (tmp_path / "keyring.json").read_bytes()
+    named = {"ACTIVE": doc["active"], "RETIRED": retired}
+    result = keyring(tmp_path, *[named.get(a, a) for a in args])
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert problem in result.stderr
+    assert (tmp_path / "keyring.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("action", ["show", "add", "rotate"])
+def test_keyring_commands_on_a_missing_keyring_exit_2_and_create_nothing(
+    tmp_path: Path, action: str
+) -> None:
+    result = keyring(tmp_path, action)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keyring_path_defaults_to_citadel_local_keyring(tmp_path: Path) -> None:
+    ring = tmp_path / "elsewhere" / "ring.json"
+    assert run(["keyring", "init"], tmp_path, CITADEL_LOCAL_KEYRING=str(ring)).returncode == 0
+    result = run(["keyring", "rotate"], tmp_path, CITADEL_LOCAL_KEYRING=str(ring))
+    assert result.returncode == 0
+    assert len(json.loads(ring.read_text())["keys"]) == 2
+
+
+def test_keyring_change_through_a_symlink_keeps_the_link(tmp_path: Path) -> None:
+    # A Kubernetes Secret volume: keyring.json -> ..data/keyring.json, ..data -> ..2026_01.
+    mount = tmp_path / "secret"
+    (mount / "..2026_01").mkdir(parents=True)
+    target = mount / "..2026_01" / "keyring.json"
+    assert run(["keyring", "init", "--path", str(target)], tmp_path).returncode == 0
+    (mount / "..data").symlink_to("..2026_01")
+    (mount / "keyring.json").symlink_to("..data/keyring.json")
+    result = run(["keyring", "rotate", "--path", str(mount / "keyring.json")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (mount / "keyring.json").is_symlink()
+    assert (mount / "..data").is_symlink()
+    assert len(json.loads(target.read_text())["keys"]) == 2
+    assert sorted(p.name for p in mount.iterdir()) == ["..2026_01", "..data", "keyring.json"]
+
+
+# -- citadel audit-pseudonym -------------------------------------------------------
+
+
+def test_audit_pseudonym_without_a_key_exits_non_zero_and_creates_none(tmp_path: Path) -> None:
+    result = run(["audit-pseudonym", "alice"], tmp_path)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "CITADEL_AUDIT_PSEUDONYM_KEY" in result.stderr
+    assert not (tmp_path / ".citadel").exists()
+
+
+def test_audit_pseudonym_uses_the_development_key_file(tmp_path: Path) -> None:
+    key_file = tmp_path / ".citadel" / "audit-pseudonym.key"
+    key_file.parent.mkdir()
+    key_file.write_text("d" * 64 + "\n")
+    result = run(["audit-pseudonym", "alice"], tmp_path)
+    expected = hmac.new(b"d" * 64, b"alice", hashlib.sha256).hexdigest()[:16]
+    assert result.stdout.strip() == "u_" + expected
+    assert key_file.read_text() == "d" * 64 + "\n"
+
+
+def test_audit_pseudonym_matches_the_key_a_development_server_made(tmp_path: Path) -> None:
+    with serving(tmp_path):
+        pass
+    key = (tmp_path / ".citadel" / "audit-pseudonym.key").read_bytes().strip()
+    result = run(["audit-pseudonym", "alice"], tmp_path)
+    assert result.stdout.strip() == "u_" + hmac.new(key, b"alice", hashlib.sha256).hexdigest()[:16]
+
+
+def test_audit_pseudonym_in_production_needs_the_setting(tmp_path: Path) -> None:
+    key_file = tmp_path / ".citadel" / "audit-pseudonym.key"
+    key_file.parent.mkdir()
+    key_file.write_text("d" * 64 + "\n")
+    result = run(["audit-pseudonym", "alice"], tmp_path, CITADEL_ENV="production")
+    assert result.returncode != 0
+    assert "CITADEL_AUDIT_PSEUDONYM_KEY" in result.stderr
+    assert result.stdout == ""

@@ -15,10 +15,17 @@ all the same, and costs two extra AES block operations. See docs/formats.md.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import os
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography.exceptions import InvalidTag
@@ -26,10 +33,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from citadel.config import SettingError, Settings
-from citadel.errors import InvalidCiphertext
-from citadel.keyring import Keyring, create_keyring, load_keyring
-from citadel.metrics import Metrics
+from citadel.errors import InvalidCiphertext, KeyRetired
+from citadel.keyring import KEY_ID, Keyring, KeyringError, create_keyring, load_keyring, resolve
 from citadel.providers.base import BreakerState
+
+if TYPE_CHECKING:
+    from citadel.metrics import Metrics
 
 log = structlog.get_logger("citadel")
 
@@ -78,37 +87,147 @@ class XAES256GCM:
         return self._derive(nonce).decrypt(nonce[12:], ciphertext, aad)
 
 
+# (device, inode, mtime, size) of the file a keyring path resolves to, with that
+# resolved path: a Secret volume's ``..data`` swap changes the path, an atomic
+# replace the inode, an in-place edit the mtime or size.
+Stamp = tuple[str, int, int, int, int]
+
+
+def file_stamp(path: Path) -> Stamp | None:
+    target = str(resolve(path))
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    return (target, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """One keyring as the hot path needs it; replaced whole, so a request sees old or new."""
+
+    keyring: Keyring
+    ciphers: dict[str, XAES256GCM]  # every key in force, the active one included
+    retired: frozenset[str]
+    active_cipher: XAES256GCM
+    header: str
+    header_bytes: bytes
+
+    @classmethod
+    def of(cls, ring: Keyring, previous: _View | None = None) -> _View:
+        before = previous.keyring.decrypting() if previous else {}
+        ciphers = {
+            # Keeping a key's cipher keeps its per-thread AES contexts warm.
+            kid: previous.ciphers[kid] if previous and before.get(kid) == key else XAES256GCM(key)
+            for kid, key in ring.decrypting().items()
+        }
+        header = f"{PREFIX}:{ring.active}:"
+        return cls(
+            keyring=ring,
+            ciphers=ciphers,
+            retired=ring.retired_ids(),
+            active_cipher=ciphers[ring.active],
+            header=header,
+            header_bytes=header.encode(),
+        )
+
+
+class _NoCount:
+    def inc(self) -> None:
+        return None
+
+
 class LocalProvider:
-    """Encrypts in-process; the work is a few microseconds, so it runs inline on the loop."""
+    """Encrypts in-process under the keyring file, and follows that file while it runs.
+
+    The work is a few microseconds, so it runs inline on the loop. The keyring
+    in use is one immutable :class:`_View`; a reload builds a new one and swaps
+    the reference, so a request sees the old keyring or the new, never a mix.
+
+    Changes are found two ways. A watcher ``stat``s the file every
+    ``poll_interval_s`` and reads it when it changed. And a decrypt naming a
+    key id this instance does not know re-reads the file first: another
+    instance may have activated a key this one has not seen yet. Those re-reads
+    are shared and spaced at least ``reread_interval_s`` apart, so random key
+    ids cannot turn every request into a disk read; a request that arrives
+    while a read is in progress waits for the next one, because its ciphertext
+    may be newer than that read.
+
+    A changed file that does not load keeps the keyring in force and logs
+    ``keyring_reload_failed``, once per distinct problem.
+    """
 
     name = "local"
-    prefix = PREFIX + ":"
+    prefix = f"{PREFIX}:"
 
-    def __init__(self, keyring: Keyring) -> None:
-        self._ciphers = {kid: XAES256GCM(key) for kid, key in keyring.keys.items()}
-        self._active = keyring.active
-        self._header = f"{PREFIX}:{keyring.active}:"
-        self._header_bytes = self._header.encode()
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        path: Path | None = None,
+        metrics: Metrics | None = None,
+        seen: Stamp | None = None,
+        poll_interval_s: float = 1.0,
+        reread_interval_s: float = 1.0,
+        loader: Callable[[Path], Keyring] = load_keyring,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._view = _View.of(keyring)
+        self._path = path
+        self._seen = seen
+        self._poll_interval = poll_interval_s
+        self._reread_interval = reread_interval_s
+        self._loader = loader
+        self._clock = clock
+        self._counter = metrics.keyring_decrypts if metrics is not None else None
+        self._counts: dict[str, Any] = {}
+        self._reload_lock = asyncio.Lock()
+        self._last_failure: tuple[Stamp | None, str] | None = None
+        self._last_reread = -float("inf")
+        self._next_reread: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics, *, create: bool) -> LocalProvider:
-        """The keyring at ``CITADEL_LOCAL_KEYRING``; created in development when ``create``."""
+        """The provider on ``CITADEL_LOCAL_KEYRING``; ``KeyringError`` when missing or broken.
+
+        With ``create`` in development a missing keyring is created (and
+        ``keyring_created`` logged); production refuses one that was.
+        """
         path = settings.local_keyring
         if create and settings.env == "development" and create_keyring(path, origin="auto"):
             log.info("keyring_created", path=str(path))
+        seen = file_stamp(path)  # before reading: a change in between is then seen again
         keyring = load_keyring(path)
         if settings.env == "production" and keyring.origin == "auto":
             raise SettingError(
                 "CITADEL_LOCAL_KEYRING",
                 "was auto-created for development; create one with `citadel keyring init`",
             )
-        return cls(keyring)
+        return cls(keyring, path=path, metrics=metrics, seen=seen)
+
+    def __repr__(self) -> str:
+        return f"LocalProvider(path={self._path!r}, keyring={self._view.keyring!r})"
+
+    @property
+    def active_key_id(self) -> str:
+        return self._view.keyring.active
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._view.keyring
 
     async def start(self) -> None:
-        return None
+        if self._path is not None and self._watch_task is None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     async def aclose(self) -> None:
-        return None
+        for task in (self._watch_task, self._next_reread):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watch_task = self._next_reread = None
 
     def ready(self) -> bool:
         return True
@@ -120,19 +239,34 @@ class LocalProvider:
         return self.encrypt_sync(plaintext)
 
     async def decrypt(self, ciphertext: str) -> str:
-        return self.decrypt_sync(ciphertext)
+        kid, body = _split(ciphertext)
+        view = self._view
+        cipher = view.ciphers.get(kid)
+        if cipher is None:
+            if self._path is not None and kid not in view.retired and KEY_ID.match(kid):
+                await self._reread_for_unknown_key()
+                view = self._view
+                cipher = view.ciphers.get(kid)
+            if cipher is None:
+                raise KeyRetired() if kid in view.retired else InvalidCiphertext()
+        return self._open(kid, cipher, body)
 
     def encrypt_sync(self, plaintext: str) -> str:
+        view = self._view
         nonce = os.urandom(NONCE_BYTES)
-        sealed = self._ciphers[self._active].encrypt(nonce, plaintext.encode(), self._header_bytes)
-        return self._header + _b64(nonce + sealed)
+        sealed = view.active_cipher.encrypt(nonce, plaintext.encode(), view.header_bytes)
+        return view.header + _b64(nonce + sealed)
 
     def decrypt_sync(self, ciphertext: str) -> str:
-        prefix, sep, rest = ciphertext.partition(":")
-        kid, sep2, body = rest.partition(":")
-        cipher = self._ciphers.get(kid)
-        if prefix != PREFIX or not sep or not sep2 or cipher is None or len(body) > 2_000_000:
-            raise InvalidCiphertext()
+        """Decrypt with the keyring in memory, without re-reading the file (benchmarks)."""
+        kid, body = _split(ciphertext)
+        view = self._view
+        cipher = view.ciphers.get(kid)
+        if cipher is None:
+            raise KeyRetired() if kid in view.retired else InvalidCiphertext()
+        return self._open(kid, cipher, body)
+
+    def _open(self, kid: str, cipher: XAES256GCM, body: str) -> str:
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
@@ -143,10 +277,100 @@ class LocalProvider:
             raise InvalidCiphertext()
         header = f"{PREFIX}:{kid}:".encode()
         try:
-            plain = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], header)
-            return plain.decode()
+            plain = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], header).decode()
         except (InvalidTag, UnicodeDecodeError):
             raise InvalidCiphertext() from None
+        child = self._counts.get(kid)
+        if child is None:
+            # Only a successful decrypt creates a label, so labels are keyring key ids.
+            counter = self._counter
+            child = self._counts[kid] = counter.labels(kid) if counter else _NoCount()
+        child.inc()
+        return plain
+
+    # -- following the file ------------------------------------------------------
+
+    async def _watch(self) -> None:
+        assert self._path is not None
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                if file_stamp(self._path) != self._seen:
+                    await self._reload()
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("keyring_watch_error")
+
+    async def _reread_for_unknown_key(self) -> None:
+        task = self._next_reread
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._reread_when_allowed())
+            self._next_reread = task
+        # Shielded: one request giving up must not cancel the read others wait for.
+        await asyncio.shield(task)
+
+    async def _reread_when_allowed(self) -> None:
+        delay = self._last_reread + self._reread_interval - self._clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # The read starts now; requests arriving from here on wait for the next one.
+        self._next_reread = None
+        self._last_reread = self._clock()
+        try:
+            await self._reload()
+        except Exception:
+            log.exception("keyring_watch_error")
+
+    async def _reload(self) -> None:
+        # One read at a time, so a slow read can never install an older file
+        # over a newer one.
+        async with self._reload_lock:
+            stamp, result = await asyncio.to_thread(self._read)
+            if isinstance(result, KeyringError):
+                self._seen = stamp  # retried when the file changes again
+                failure = (stamp, str(result))
+                if failure != self._last_failure:
+                    self._last_failure = failure
+                    log.error(
+                        "keyring_reload_failed",
+                        path=str(self._path),
+                        problem=str(result),
+                        keeping_active=self._view.keyring.active,
+                    )
+                return
+            self._seen = stamp
+            self._last_failure = None
+            self._install(result)
+
+    def _read(self) -> tuple[Stamp | None, Keyring | KeyringError]:
+        assert self._path is not None
+        stamp = file_stamp(self._path)
+        try:
+            return stamp, self._loader(self._path)
+        except KeyringError as exc:
+            return stamp, exc
+
+    def _install(self, ring: Keyring) -> None:
+        old = self._view
+        if ring == old.keyring:
+            return
+        self._view = _View.of(ring, old)
+        log.warning(
+            "keyring_reloaded",
+            path=str(self._path),
+            active=ring.active,
+            previous_active=old.keyring.active,
+            in_force=sorted(ring.decrypting()),
+            retired=sorted(ring.retired_ids()),
+        )
+
+
+def _split(ciphertext: str) -> tuple[str, str]:
+    """The key id and body of ``cit1:<key id>:<body>``; ``InvalidCiphertext`` otherwise."""
+    prefix, sep, rest = ciphertext.partition(":")
+    kid, sep2, body = rest.partition(":")
+    if prefix != PREFIX or not sep or not sep2 or len(body) > 2_000_000:
+        raise InvalidCiphertext()
+    return kid, body
 
 
 def _b64(raw: bytes) -> str:
