@@ -471,3 +471,71 @@ def test_a_failed_sign_leaves_the_next_sign_unaffected() -> None:
     raise_for("hmac-bad-hex")
     got = sign("hmac-sha256", "Jefe", JEFE_MESSAGE, key_encoding="utf-8", signature_encoding="hex")
     assert got == JEFE_SHA256
+
+
+# -- the RSA key check is done once per distinct PEM ------------------------------------------------
+
+
+def test_rsa_key_check_runs_once_per_pem_then_is_skipped(
+    monkeypatch: pytest.MonkeyPatch, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    import citadel.signing as signing
+
+    monkeypatch.setattr(signing, "_VALIDATED_RSA", signing._ValidatedRsaKeys())
+    skipped: list[bool] = []
+    real = signing.load_pem_private_key
+
+    def spy(data: bytes, password: None, *, unsafe_skip_rsa_key_validation: bool) -> object:
+        skipped.append(unsafe_skip_rsa_key_validation)
+        return real(data, password, unsafe_skip_rsa_key_validation=unsafe_skip_rsa_key_validation)
+
+    monkeypatch.setattr(signing, "load_pem_private_key", spy)
+    secret = pem(rsa_key)
+    for _ in range(3):
+        sign("rsa-pkcs1v15-sha256", secret, MESSAGE, key_encoding="pem", signature_encoding="hex")
+    assert skipped == [False, True, True]
+
+
+def test_a_malformed_rsa_key_is_refused_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import citadel.signing as signing
+
+    monkeypatch.setattr(signing, "_VALIDATED_RSA", signing._ValidatedRsaKeys())
+    good = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+    # A wrong CRT coefficient: signatures from such a key can reveal its factors.
+    bad = rsa.RSAPrivateNumbers(
+        p=good.p,
+        q=good.q,
+        d=good.d,
+        dmp1=good.dmp1,
+        dmq1=good.dmq1,
+        iqmp=(good.iqmp + 1) % good.p,
+        public_numbers=good.public_numbers,
+    ).private_key(unsafe_skip_rsa_key_validation=True)
+    secret = pem(bad)
+    for _ in range(2):
+        with pytest.raises(InvalidKey):
+            sign(
+                "rsa-pkcs1v15-sha256", secret, MESSAGE, key_encoding="pem", signature_encoding="hex"
+            )
+
+
+def test_validated_rsa_set_forgets_the_oldest_beyond_its_capacity() -> None:
+    from citadel.signing import _ValidatedRsaKeys
+
+    seen = _ValidatedRsaKeys(capacity=2)
+    a, b, c = (seen.fingerprint(x) for x in (b"a", b"b", b"c"))
+    seen.add(a)
+    seen.add(b)
+    assert seen.checked(a)  # a is now the most recent
+    seen.add(c)
+    assert (seen.checked(a), seen.checked(b), seen.checked(c)) == (True, False, True)
+
+
+def test_validated_rsa_set_keeps_no_key_material(rsa_key: rsa.RSAPrivateKey) -> None:
+    from citadel.signing import _ValidatedRsaKeys
+
+    seen = _ValidatedRsaKeys()
+    data = pem(rsa_key).encode()
+    seen.add(seen.fingerprint(data))
+    assert seen.fingerprint(data) != hashlib.sha256(data).digest()  # keyed, not a plain hash
+    assert all(len(fp) == 32 for fp in seen._seen)
