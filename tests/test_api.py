@@ -251,6 +251,7 @@ def test_health_body(citadel: Served) -> None:
         "version": "2.0.0",
         "provider": "local",
         "breaker": "closed",
+        "decrypt_providers": ["local"],
     }
 
 

@@ -131,6 +131,7 @@ def test_five_500s_open_the_breaker_and_it_recovers(
             "version": "-",
             "provider": "evervault",
             "breaker": "open",
+            "decrypt_providers": ["evervault"],
         }
         assert c.get("/ready").status_code == 503
         sixth = decrypt(c, ct)
