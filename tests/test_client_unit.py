@@ -1,4 +1,4 @@
-"""citadel.client without a server: respx answers, an injected clock and sleep record the waits."""
+"""citadel_client without a server: respx answers, an injected clock and sleep record the waits."""
 
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ import respx
 from support import CLIENT_BASE as BASE
 from support import FakeTime
 
-from citadel.client import AsyncCitadelClient, CitadelClient, CitadelConnectionError, Plaintext
-from citadel.errors import (
+from citadel_client import (
+    AsyncCitadelClient,
+    CitadelClient,
+    CitadelConnectionError,
+    Plaintext,
+)
+from citadel_client.errors import (
     CitadelError,
     Forbidden,
     InvalidCiphertext,
