@@ -10,7 +10,15 @@ keeps working), and its ``citadel.errors`` is this package's
 :mod:`citadel_client.errors`: one definition of the error codes for both sides.
 """
 
-from citadel_client.client import AsyncCitadelClient, CitadelClient, Plaintext
+from citadel_client.client import (
+    AsyncCitadelClient,
+    CitadelClient,
+    KeyEncoding,
+    MessageEncoding,
+    Plaintext,
+    SignAlgorithm,
+    SignatureEncoding,
+)
 from citadel_client.errors import (
     AuditUnavailable,
     CitadelConnectionError,
@@ -40,12 +48,16 @@ __all__ = [
     "InvalidCiphertext",
     "InvalidKey",
     "InvalidRequest",
+    "KeyEncoding",
     "KeyRetired",
+    "MessageEncoding",
     "PayloadTooLarge",
     "Plaintext",
     "ProviderUnavailable",
     "RateLimited",
     "RequestTimeout",
+    "SignAlgorithm",
+    "SignatureEncoding",
     "Unauthenticated",
     "__version__",
     "error_for_code",
