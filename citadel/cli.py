@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from citadel import bulk
 from citadel.config import SettingError, Settings, describe_settings_error
 from citadel.keyring import KeyringError, create_keyring, load_keyring, rotate_keyring
 
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ring.add_argument("action", choices=["init", "rotate", "show"])
     ring.add_argument("--path", help="keyring file (default: CITADEL_LOCAL_KEYRING)")
     ring.set_defaults(func=cmd_keyring)
+    bulk.add_parser(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """citadel-client: the Python client of Citadel, without the server's dependencies.
 
-Sentinel, Conductor and jobs install this distribution alone (it needs httpx
-only)::
+Sentinel, Conductor and jobs install this distribution alone (it needs httpx,
+anyio and sniffio only)::
 
     from citadel_client import CitadelClient, InvalidCiphertext
 
