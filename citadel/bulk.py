@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
+import httpx
+
 from citadel_client import AsyncCitadelClient
 from citadel_client.errors import (
     CitadelConnectionError,
@@ -300,7 +302,6 @@ class Rewrapper:
 
     def __post_init__(self) -> None:
         self._prefix = self.skip_prefix
-        self._prefix_given = self.skip_prefix is not None
         self._calls = asyncio.Semaphore(self.concurrency)
         self._window = self.concurrency * WINDOW_PER_CALL
         self._last_line = 0
@@ -656,6 +657,17 @@ def _execute(
         raise UsageError(f"--concurrency must be 1 to {MAX_CONCURRENCY}")
     if not args.deadline > 0:
         raise UsageError("--deadline must be positive")
+    if args.skip_prefix is not None and target_prefix(args.skip_prefix) != args.skip_prefix:
+        # A wrong prefix would pass lines through unrewrapped: only the two exact forms.
+        raise UsageError("--skip-prefix must be cit1:<key id>: or ev:")
+    try:
+        url = httpx.URL(args.url)
+    except httpx.InvalidURL:
+        raise UsageError("--url is not a URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise UsageError("--url must be an http:// or https:// URL")
+    # Messages name Citadel's address, never a password in it.
+    shown_url = str(url.copy_with(username=None, password=None))
     output = Path(args.output) if args.output else None
     if output is None and not args.rejects:
         raise UsageError("--rejects FILE is required when writing to standard output")
@@ -711,7 +723,7 @@ def _execute(
             Sink(out, rej),
             concurrency=args.concurrency,
             skip_prefix=args.skip_prefix,
-            url=args.url,
+            url=shown_url,
             on_line=progress.update,
             warn=say,
         )

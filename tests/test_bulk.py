@@ -611,3 +611,25 @@ def test_sigterm_stops_with_a_resumable_partial(
     partial = read_lines(tmp_path / "out.jsonl.partial")
     assert partial == [rewrapped(line) for line in lines[: len(partial)]]
     assert b"interrupted by SIGTERM" in stderr and b"--resume" in stderr
+
+
+@pytest.mark.parametrize("prefix", ["cit1:", "cit1:oldkid01", "cit1::", "ev", "x:"])
+def test_a_skip_prefix_of_another_form_is_refused(
+    tmp_path: Path, key_file: Path, prefix: str
+) -> None:
+    src = write_lines(tmp_path / "in.jsonl", make_input(1))
+    code, err, _ = run_tool(
+        "http://127.0.0.1:9", key_file, str(src), "-o", str(tmp_path / "o"), "--skip-prefix", prefix
+    )
+    assert code == 2
+    assert "--skip-prefix must be cit1:<key id>: or ev:" in err
+
+
+def test_messages_never_show_a_password_in_the_url(tmp_path: Path, key_file: Path) -> None:
+    src = write_lines(tmp_path / "in.jsonl", make_input(3))
+    code, err, _ = run_tool(
+        "http://ops:CANARY-URL-PASSWORD@127.0.0.1:9", key_file, str(src), "-o", str(tmp_path / "o")
+    )
+    assert code == 2
+    assert "could not be reached" in err
+    assert "CANARY-URL-PASSWORD" not in err
