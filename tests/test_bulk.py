@@ -633,3 +633,32 @@ def test_messages_never_show_a_password_in_the_url(tmp_path: Path, key_file: Pat
     assert code == 2
     assert "could not be reached" in err
     assert "CANARY-URL-PASSWORD" not in err
+
+
+def test_only_the_top_level_encrypted_data_is_replaced() -> None:
+    parsed = bulk.parse_line('{"meta": {"encrypted_data": "inner"}, "encrypted_data": "outer"}')
+    assert parsed.value == "outer"
+    assert parsed.fields == {"meta": {"encrypted_data": "inner"}}
+    assert parsed.replaced("cit1:k:new") == (
+        '{"meta": {"encrypted_data": "inner"}, "encrypted_data": "cit1:k:new"}'
+    )
+
+
+@pytest.mark.parametrize(
+    "text", ["", "[]", '"x"', "{", '{"a": 1,}', '{"a" 1}', "{} {}", '{"a": 1} x', "{'a': 1}"]
+)
+def test_lines_that_are_not_one_json_object_are_invalid(text: str) -> None:
+    with pytest.raises(bulk.LineError) as exc:
+        bulk.parse_line(text)
+    assert exc.value.code == "invalid_line"
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bar = bulk._progress(Terminal(), 1000, 0, 0)
+    assert type(bar).__name__ == "tqdm"
+    bar.close()
+    assert isinstance(bulk._progress(io.StringIO(), 1000, 0, 0), bulk._NoProgress)
