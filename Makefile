@@ -7,11 +7,13 @@ PORT ?= 8004
 
 .PHONY: run test lint bench emulator clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Citadel needs Python 3.11 or newer" if sys.version_info < (3, 11) else 0)'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@# One pip call, the local client first: the server requires citadel-client==2.1.0,
+	@# and pip must take ./client for it, never look the name up on the public index.
+	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	@touch $@
 
 run: $(VENV)/.installed  ## start Citadel on the local provider
@@ -25,6 +27,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict citadel
+	$(BIN)/mypy --strict client/citadel_client
 
 bench: $(VENV)/.installed  ## throughput and latency against a bare FastAPI endpoint
 	$(BIN)/python scripts/bench.py
@@ -33,4 +36,4 @@ emulator: $(VENV)/.installed  ## an Evervault API emulator on port 3999
 	$(BIN)/python -m evervault_emulator --port 3999
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info client/*.egg-info client/build

@@ -3,6 +3,9 @@
 Callers import the client and the errors from here::
 
     from citadel import CitadelClient, InvalidCiphertext
+
+Both come from the ``citadel-client`` distribution (import ``citadel_client``),
+which callers install alone, without the server's dependencies.
 """
 
 from citadel.client import AsyncCitadelClient, CitadelClient, CitadelConnectionError, Plaintext
@@ -11,10 +14,13 @@ from citadel.errors import (
     CitadelError,
     Forbidden,
     InvalidCiphertext,
+    InvalidKey,
     InvalidRequest,
+    KeyRetired,
     PayloadTooLarge,
     ProviderUnavailable,
     RateLimited,
+    RequestTimeout,
     Unauthenticated,
 )
 
@@ -26,10 +32,13 @@ __all__ = [
     "CitadelError",
     "Forbidden",
     "InvalidCiphertext",
+    "InvalidKey",
     "InvalidRequest",
+    "KeyRetired",
     "PayloadTooLarge",
     "Plaintext",
     "ProviderUnavailable",
     "RateLimited",
+    "RequestTimeout",
     "Unauthenticated",
 ]

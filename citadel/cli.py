@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from citadel import bulk
 from citadel.config import SettingError, Settings, describe_settings_error
 from citadel.keyring import (
     Key,
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         # SUPPRESS: a --path given before the action must not be reset by this default.
         one.add_argument("--path", default=argparse.SUPPRESS, help=path_help)
     ring.set_defaults(func=cmd_keyring)
+    bulk.add_parser(sub)
     return parser
 
 

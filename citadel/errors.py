@@ -1,33 +1,31 @@
-"""Citadel's errors: one class per stable error code of the contract.
+"""Citadel's errors, defined once in the client distribution and re-exported here.
 
-The same tree serves the server (raised by the service layer, mapped to HTTP
-in one handler) and the client (raised from a response's ``code``), so a
-caller catches by meaning, never by message text::
-
-    CitadelError
-    ├── Unauthenticated        401 unauthenticated
-    ├── Forbidden              403 forbidden
-    ├── PayloadTooLarge        413 payload_too_large
-    ├── InvalidRequest         422 invalid_request
-    ├── InvalidCiphertext      400 invalid_ciphertext
-    ├── KeyRetired             400 key_retired
-    ├── InvalidKey             400 invalid_key           (/sign: the secret is not such a key)
-    ├── RequestTimeout         408 request_timeout
-    ├── RateLimited            429 rate_limited          (retry_after)
-    └── ProviderUnavailable    503 provider_unavailable  (retry_after)
-        └── AuditUnavailable   503 provider_unavailable  (the audit log, not the provider)
-
-Messages are fixed text for a person. No error ever carries a value from the
-request: the constructors take no such argument, so none can leak into a body,
-a log line or a traceback.
+The server raises them from the service layer and maps them to HTTP in one
+handler; the client raises them from a response's ``code``. Keeping the one
+definition in ``citadel_client.errors`` (a dependency of the server) means the
+codes cannot drift apart; see that module for the tree of classes.
 """
 
-from __future__ import annotations
-
-from typing import ClassVar
+from citadel_client.errors import (
+    AuditUnavailable,
+    CitadelConnectionError,
+    CitadelError,
+    Forbidden,
+    InvalidCiphertext,
+    InvalidKey,
+    InvalidRequest,
+    KeyRetired,
+    PayloadTooLarge,
+    ProviderUnavailable,
+    RateLimited,
+    RequestTimeout,
+    Unauthenticated,
+    error_for_code,
+)
 
 __all__ = [
     "AuditUnavailable",
+    "CitadelConnectionError",
     "CitadelError",
     "Forbidden",
     "InvalidCiphertext",
@@ -41,129 +39,3 @@ __all__ = [
     "Unauthenticated",
     "error_for_code",
 ]
-
-
-class CitadelError(Exception):
-    """Base of every error Citadel raises; ``code`` and ``status`` come from the contract."""
-
-    code: ClassVar[str] = "internal_error"
-    status: ClassVar[int] = 500
-    default_detail: ClassVar[str] = "Internal error."
-
-    def __init__(
-        self,
-        detail: str | None = None,
-        *,
-        request_id: str | None = None,
-        retry_after: int | None = None,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        self.detail = detail or self.default_detail
-        self.request_id = request_id
-        self.retry_after = retry_after
-        self.headers = headers
-        super().__init__(self.detail)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(code={self.code!r}, status={self.status}, "
-            f"request_id={self.request_id!r}, retry_after={self.retry_after!r})"
-        )
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.detail}"
-
-
-class Unauthenticated(CitadelError):
-    code = "unauthenticated"
-    status = 401
-    default_detail = "Missing or unknown X-Internal-API-Key."
-
-
-class Forbidden(CitadelError):
-    code = "forbidden"
-    status = 403
-    default_detail = "This caller may not perform this operation."
-
-
-class PayloadTooLarge(CitadelError):
-    code = "payload_too_large"
-    status = 413
-    default_detail = "The request body is over the size limit."
-
-
-class InvalidRequest(CitadelError):
-    code = "invalid_request"
-    status = 422
-    default_detail = "The request does not fit the schema."
-
-
-class InvalidCiphertext(CitadelError):
-    code = "invalid_ciphertext"
-    status = 400
-    default_detail = "The ciphertext is malformed, from another key, or tampered with."
-
-
-class KeyRetired(CitadelError):
-    code = "key_retired"
-    status = 400
-    default_detail = (
-        "The ciphertext names a retired keyring key; rewrap it under a key in force "
-        "or restore the key."
-    )
-
-
-class InvalidKey(CitadelError):
-    code = "invalid_key"
-    status = 400
-    default_detail = "The decrypted secret is not a key of this algorithm and key_encoding."
-
-
-class RequestTimeout(CitadelError):
-    code = "request_timeout"
-    status = 408
-    default_detail = "The request body did not arrive in time."
-
-
-class RateLimited(CitadelError):
-    code = "rate_limited"
-    status = 429
-    default_detail = "Rate limit exceeded."
-
-
-class ProviderUnavailable(CitadelError):
-    code = "provider_unavailable"
-    status = 503
-    default_detail = "The encryption provider is unavailable; retry later."
-
-
-class AuditUnavailable(ProviderUnavailable):
-    """The audit event could not be written, so the operation was refused (fail-closed).
-
-    The contract has one 503 code; callers retry both the same way, so this keeps
-    ``provider_unavailable`` and differs only in its message and class.
-    """
-
-    default_detail = "The audit log is unavailable; the operation was not performed."
-
-
-_BY_CODE: dict[str, type[CitadelError]] = {
-    cls.code: cls
-    for cls in (
-        Unauthenticated,
-        Forbidden,
-        PayloadTooLarge,
-        InvalidRequest,
-        InvalidCiphertext,
-        KeyRetired,
-        InvalidKey,
-        RequestTimeout,
-        RateLimited,
-        ProviderUnavailable,
-    )
-}
-
-
-def error_for_code(code: str) -> type[CitadelError]:
-    """The error class for a contract code; unknown codes map to the base class."""
-    return _BY_CODE.get(code, CitadelError)

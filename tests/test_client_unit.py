@@ -1,4 +1,4 @@
-"""citadel.client without a server: respx answers, an injected clock and sleep record the waits."""
+"""citadel_client without a server: respx answers, an injected clock and sleep record the waits."""
 
 from __future__ import annotations
 
@@ -17,15 +17,23 @@ import respx
 from support import CLIENT_BASE as BASE
 from support import FakeTime
 
-from citadel.client import AsyncCitadelClient, CitadelClient, CitadelConnectionError, Plaintext
-from citadel.errors import (
+from citadel_client import (
+    AsyncCitadelClient,
+    CitadelClient,
+    CitadelConnectionError,
+    Plaintext,
+)
+from citadel_client.errors import (
     CitadelError,
     Forbidden,
     InvalidCiphertext,
+    InvalidKey,
     InvalidRequest,
+    KeyRetired,
     PayloadTooLarge,
     ProviderUnavailable,
     RateLimited,
+    RequestTimeout,
     Unauthenticated,
 )
 
@@ -33,6 +41,8 @@ KEY = "CANARY-API-KEY-5f1e9c"
 SECRET = "CANARY-PLAINTEXT-b81d07"
 OK_ENCRYPT = {"encrypted_data": "ct:1"}
 OK_DECRYPT = {"plaintext": SECRET}
+OK_SIGN = {"signature": "c0ffee"}
+OK_REWRAP = {"encrypted_data": "cit1:newkid01:AAAA"}
 
 CONTRACT_ERRORS = [
     (401, "unauthenticated", Unauthenticated),
@@ -40,6 +50,9 @@ CONTRACT_ERRORS = [
     (413, "payload_too_large", PayloadTooLarge),
     (422, "invalid_request", InvalidRequest),
     (400, "invalid_ciphertext", InvalidCiphertext),
+    (400, "key_retired", KeyRetired),
+    (400, "invalid_key", InvalidKey),
+    (408, "request_timeout", RequestTimeout),
     (429, "rate_limited", RateLimited),
     (503, "provider_unavailable", ProviderUnavailable),
 ]
@@ -363,6 +376,138 @@ def test_each_attempt_timeout_is_cut_to_the_deadline(
     assert reads == [5.0, 5.0, 5.0, 3.0]  # 10 - (1 + 2 + 4) left for the last attempt
 
 
+# -- sign and rewrap -----------------------------------------------------------
+
+
+def test_sign_sends_the_contract_body_and_returns_the_signature(
+    mocked: respx.MockRouter, fake: FakeTime
+) -> None:
+    route = mocked.post("/sign").mock(return_value=ok(OK_SIGN))
+    with sync_client(fake) as c:
+        signature = c.sign("ct:1", "symbol=LTCBTC&side=BUY", algorithm="hmac-sha256", user_id="u-1")
+    assert signature == "c0ffee"
+    (call,) = route.calls
+    # key_encoding left out: the server takes the algorithm's default.
+    assert json.loads(call.request.content) == {
+        "encrypted_data": "ct:1",
+        "algorithm": "hmac-sha256",
+        "message": "symbol=LTCBTC&side=BUY",
+        "message_encoding": "utf-8",
+        "signature_encoding": "hex",
+    }
+    assert call.request.headers["X-Internal-API-Key"] == KEY
+    assert call.request.headers["X-User-ID"] == "u-1"
+
+
+def test_sign_sends_every_encoding_it_is_given(mocked: respx.MockRouter, fake: FakeTime) -> None:
+    route = mocked.post("/sign").mock(return_value=ok(OK_SIGN))
+    with sync_client(fake) as c:
+        c.sign(
+            "ct:1",
+            "L3ByaXZhdGU=",
+            algorithm="hmac-sha512",
+            message_encoding="base64",
+            key_encoding="base64",
+            signature_encoding="base64",
+            request_id="req-9",
+        )
+    (call,) = route.calls
+    assert json.loads(call.request.content) == {
+        "encrypted_data": "ct:1",
+        "algorithm": "hmac-sha512",
+        "message": "L3ByaXZhdGU=",
+        "message_encoding": "base64",
+        "key_encoding": "base64",
+        "signature_encoding": "base64",
+    }
+    assert call.request.headers["X-Request-ID"] == "req-9"
+
+
+def test_sign_is_retried_on_503_429_and_connection_errors(
+    mocked: respx.MockRouter, fake: FakeTime
+) -> None:
+    route = mocked.post("/sign").mock(
+        side_effect=[
+            error(503, "provider_unavailable"),
+            error(429, "rate_limited", **{"Retry-After": "3"}),
+            httpx.ConnectError("refused"),
+            ok(OK_SIGN),
+        ]
+    )
+    with sync_client(fake) as c:
+        assert c.sign("ct:1", "m", algorithm="ed25519") == "c0ffee"
+    assert route.call_count == 4
+    assert fake.waits == [1, 3, 4]
+    bodies = {call.request.content for call in route.calls}
+    assert len(bodies) == 1  # every attempt sends the same request
+
+
+def test_sign_invalid_key_is_raised_at_once(mocked: respx.MockRouter, fake: FakeTime) -> None:
+    route = mocked.post("/sign").mock(return_value=error(400, "invalid_key"))
+    with sync_client(fake) as c, pytest.raises(InvalidKey) as exc:
+        c.sign("ct:1", "m", algorithm="rsa-pkcs1v15-sha256", key_encoding="pem")
+    assert route.call_count == 1 and fake.waits == []
+    assert exc.value.status == 400
+
+
+def test_sign_answer_without_a_signature_is_an_error(
+    mocked: respx.MockRouter, fake: FakeTime
+) -> None:
+    mocked.post("/sign").mock(return_value=ok(OK_ENCRYPT))
+    with sync_client(fake) as c, pytest.raises(CitadelError) as exc:
+        c.sign("ct:1", "m", algorithm="hmac-sha256")
+    assert type(exc.value) is CitadelError and exc.value.status == 200
+
+
+def test_rewrap_sends_the_ciphertext_and_returns_the_new_one(
+    mocked: respx.MockRouter, fake: FakeTime
+) -> None:
+    route = mocked.post("/rewrap").mock(return_value=ok(OK_REWRAP))
+    with sync_client(fake, user_id="migration") as c:
+        assert c.rewrap("cit1:oldkid01:BBBB", request_id="row-17") == "cit1:newkid01:AAAA"
+    (call,) = route.calls
+    assert json.loads(call.request.content) == {"encrypted_data": "cit1:oldkid01:BBBB"}
+    assert call.request.headers["X-User-ID"] == "migration"
+    assert call.request.headers["X-Request-ID"] == "row-17"
+    assert call.request.headers["X-Internal-API-Key"] == KEY
+
+
+def test_rewrap_is_retried_on_503_429_and_connection_errors(
+    mocked: respx.MockRouter, fake: FakeTime
+) -> None:
+    route = mocked.post("/rewrap").mock(
+        side_effect=[
+            httpx.ReadTimeout("slow"),
+            error(429, "rate_limited"),
+            error(503, "provider_unavailable", **{"Retry-After": "2"}),
+            ok(OK_REWRAP),
+        ]
+    )
+    with sync_client(fake) as c:
+        assert c.rewrap("ct:1") == "cit1:newkid01:AAAA"
+    assert route.call_count == 4
+    assert fake.waits == [1, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"), [("key_retired", KeyRetired), ("invalid_ciphertext", InvalidCiphertext)]
+)
+def test_rewrap_of_an_unusable_ciphertext_is_raised_at_once(
+    mocked: respx.MockRouter, fake: FakeTime, code: str, cls: type[CitadelError]
+) -> None:
+    route = mocked.post("/rewrap").mock(return_value=error(400, code))
+    with sync_client(fake) as c, pytest.raises(cls):
+        c.rewrap("ct:1")
+    assert route.call_count == 1 and fake.waits == []
+
+
+def test_rewrap_deadline_raises_connection_error(mocked: respx.MockRouter, fake: FakeTime) -> None:
+    mocked.post("/rewrap").mock(side_effect=httpx.ConnectError("refused"))
+    with sync_client(fake, deadline=5) as c, pytest.raises(CitadelConnectionError):
+        c.rewrap("ct:1")
+    assert fake.waits == [1, 2]
+
+
 # -- nothing leaks -------------------------------------------------------------
 
 
@@ -462,8 +607,18 @@ def test_no_error_text_holds_the_plaintext_or_the_key(
     else:
         mocked.post("/encrypt").mock(return_value=answer)
         mocked.post("/decrypt").mock(return_value=answer)
+    for path in ("/sign", "/rewrap"):
+        if isinstance(answer, Exception):
+            mocked.post(path).mock(side_effect=answer)
+        else:
+            mocked.post(path).mock(return_value=answer)
     with sync_client(fake, deadline=2) as c:
-        for call in (lambda: c.encrypt(SECRET), lambda: c.decrypt(SECRET)):
+        for call in (
+            lambda: c.encrypt(SECRET),
+            lambda: c.decrypt(SECRET),
+            lambda: c.sign(SECRET, SECRET, algorithm="hmac-sha256"),
+            lambda: c.rewrap(SECRET),
+        ):
             with pytest.raises(CitadelError) as exc:
                 call()
             assert_clean(exc.value)
@@ -582,3 +737,53 @@ async def test_async_aclose(fake: FakeTime) -> None:
     c = async_client(fake)
     await c.aclose()
     assert c._http.is_closed
+
+
+@pytest.mark.anyio
+async def test_async_sign_and_rewrap(mocked: respx.MockRouter, fake: FakeTime) -> None:
+    sign = mocked.post("/sign").mock(return_value=ok(OK_SIGN))
+    mocked.post("/rewrap").mock(return_value=ok(OK_REWRAP))
+    async with async_client(fake) as c:
+        signature = await c.sign(
+            "ct:1", "m", algorithm="ecdsa-p256-sha256", signature_encoding="base64url"
+        )
+        assert signature == "c0ffee"
+        assert await c.rewrap("ct:1", user_id="u-3") == "cit1:newkid01:AAAA"
+    assert json.loads(sign.calls[0].request.content) == {
+        "encrypted_data": "ct:1",
+        "algorithm": "ecdsa-p256-sha256",
+        "message": "m",
+        "message_encoding": "utf-8",
+        "signature_encoding": "base64url",
+    }
+
+
+@pytest.mark.anyio
+async def test_async_sign_and_rewrap_are_retried(mocked: respx.MockRouter, fake: FakeTime) -> None:
+    mocked.post("/sign").mock(side_effect=[error(503, "provider_unavailable"), ok(OK_SIGN)])
+    rewrap = mocked.post("/rewrap").mock(
+        side_effect=[httpx.ConnectError("refused"), error(429, "rate_limited"), ok(OK_REWRAP)]
+    )
+    async with async_client(fake) as c:
+        assert await c.sign("ct:1", "m", algorithm="hmac-sha256") == "c0ffee"
+        assert await c.rewrap("ct:1") == "cit1:newkid01:AAAA"
+    assert rewrap.call_count == 3
+    assert fake.waits == [1, 1, 2]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("code", "cls"), [("key_retired", KeyRetired), ("invalid_key", InvalidKey)]
+)
+async def test_async_sign_and_rewrap_errors_are_not_retried(
+    mocked: respx.MockRouter, fake: FakeTime, code: str, cls: type[CitadelError]
+) -> None:
+    sign = mocked.post("/sign").mock(return_value=error(400, code))
+    rewrap = mocked.post("/rewrap").mock(return_value=error(400, code))
+    async with async_client(fake) as c:
+        with pytest.raises(cls):
+            await c.sign(SECRET, "m", algorithm="hmac-sha256")
+        with pytest.raises(cls) as exc:
+            await c.rewrap(SECRET)
+    assert sign.call_count == rewrap.call_count == 1 and fake.waits == []
+    assert_clean(exc.value)

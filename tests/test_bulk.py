@@ -1,0 +1,664 @@
+"""``citadel rewrap`` (citadel/bulk.py) against a small fake of POST /rewrap.
+
+The fake follows the contract: ``cit1:oldkid01:<x>`` comes back as
+``cit1:newkid01:<x>``; a ciphertext containing "bad" is 400 invalid_ciphertext,
+one containing "retired" 400 key_retired; some calls are refused once with
+429 and ``Retry-After: 0``; after ``fail_after`` answers it breaks every
+connection. The tool runs in-process with an injected clock, so retries
+never sleep, or as a subprocess where it must be killed or piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import FakeTime, serve_app, wait_until
+
+from citadel import bulk
+from citadel.cli import build_parser
+from citadel_client import AsyncCitadelClient
+
+API_KEY = "CANARY-BULK-API-KEY-4d2a"
+OLD, NEW = "cit1:oldkid01:", "cit1:newkid01:"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeCitadel:
+    """A raw ASGI app for POST /rewrap; counts what it answered."""
+
+    def __init__(self, *, fail_after: int | None = None, limit_suffix: str = "7") -> None:
+        self.answered = 0  # 200 and 400 answers: one per line that got its call
+        self.limited = 0
+        self.broken = 0
+        self.request_ids: list[str] = []
+        self.fail_after = fail_after
+        self.limit_suffix = limit_suffix
+        self._limited_once: set[str] = set()
+        self._lock = threading.Lock()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":  # a killed client
+                return None
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = dict(scope["headers"])
+        if scope["path"] != "/rewrap" or scope["method"] != "POST":
+            return await self._send(send, 404, {"detail": "x", "code": "not_found"})
+        if headers.get(b"x-internal-api-key") != API_KEY.encode():
+            return await self._send(send, 401, {"detail": "x", "code": "unauthenticated"})
+        ct = json.loads(body)["encrypted_data"]
+        with self._lock:
+            if self.fail_after is not None and self.answered >= self.fail_after:
+                self.broken += 1
+                broken = True
+            else:
+                broken = False
+                limited = ct.endswith(self.limit_suffix) and ct not in self._limited_once
+                if limited:
+                    self._limited_once.add(ct)
+                    self.limited += 1
+                else:
+                    self.answered += 1
+                    self.request_ids.append(headers.get(b"x-request-id", b"").decode())
+        if broken:
+            # Start an answer and drop the connection: the client sees a transport error.
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-length", b"99")],
+                }
+            )
+            raise ConnectionAbortedError("fake: connection dropped")
+        if limited:
+            return await self._send(
+                send, 429, {"detail": "x", "code": "rate_limited"}, [(b"retry-after", b"0")]
+            )
+        if "bad" in ct:
+            return await self._send(send, 400, {"detail": "x", "code": "invalid_ciphertext"})
+        if "retired" in ct:
+            return await self._send(send, 400, {"detail": "x", "code": "key_retired"})
+        await self._send(send, 200, {"encrypted_data": NEW + ct.rsplit(":", 1)[-1]})
+
+    @staticmethod
+    async def _send(
+        send: Any,
+        status: int,
+        body: dict[str, str],
+        extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    ) -> None:
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), *extra]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+@pytest.fixture
+def fake_server() -> Iterator[tuple[FakeCitadel, str]]:
+    app = FakeCitadel()
+    with serve_app(app) as url:
+        yield app, url
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "api-key"
+    path.write_text(API_KEY + "\n")
+    return path
+
+
+# -- input and expectations ------------------------------------------------------
+
+
+def record(i: int, ct: str) -> str:
+    return json.dumps({"id": i, "encrypted_data": ct, "user": f"u-{i}"})
+
+
+def make_input(n: int, *, bad_every: int = 0, retired: tuple[int, ...] = ()) -> list[str]:
+    lines = []
+    for i in range(1, n + 1):
+        if bad_every and i % bad_every == 0:
+            ct = f"{OLD}bad{i}"
+        elif i in retired:
+            ct = f"cit1:retired1:x{i}"
+        else:
+            ct = f"{OLD}p{i:06d}"
+        lines.append(record(i, ct))
+    return lines
+
+
+def rewrapped(line: str) -> str:
+    """What the tool writes for a line the fake rewraps."""
+    obj = json.loads(line)
+    obj["encrypted_data"] = NEW + obj["encrypted_data"].rsplit(":", 1)[-1]
+    return json.dumps(obj)
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def read_rejects(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in read_lines(path)]
+
+
+# -- running the tool --------------------------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["rewrap", *argv])
+
+
+def run_tool(
+    url: str, key_file: Path, *argv: str, stdin: bytes | None = None
+) -> tuple[int, str, bytes]:
+    """The tool in-process; retries wait on a fake clock, so none sleeps."""
+    fake = FakeTime()
+
+    def client(u: str, key: str, deadline: float) -> AsyncCitadelClient:
+        return AsyncCitadelClient(u, key, deadline=deadline, sleep=fake.asleep, clock=fake.clock)
+
+    err, out = io.StringIO(), io.BytesIO()
+    args = parse(*argv, "--url", url, "--api-key-file", str(key_file))
+    code = bulk.execute(
+        args,
+        make_client=client,
+        stdin=io.BytesIO(stdin) if stdin is not None else None,
+        stdout=out,
+        stderr=err,
+        handle_signals=False,
+    )
+    return code, err.getvalue(), out.getvalue()
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CITADEL_", "EVERVAULT_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+# -- a full run ----------------------------------------------------------------------
+
+
+def test_10000_lines_come_out_rewrapped_in_order_with_rejects(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    lines = make_input(10_000, bad_every=997, retired=(4242,))
+    lines[2499] = "{not json"
+    lines[4999] = json.dumps({"id": 5000, "user": "u-5000"})
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+
+    code, err, _ = run_tool(url, key_file, str(src), "--output", str(out), "--concurrency", "16")
+
+    assert code == 1  # finished, with rejected lines
+    result = read_lines(out)
+    assert len(result) == 10_000
+    rejected_at = {2500, 4242, 5000} | {i for i in range(997, 10_001, 997)}
+    for i, (before, after) in enumerate(zip(lines, result, strict=True), 1):
+        assert after == (before if i in rejected_at else rewrapped(before)), i
+    assert fake.limited > 0  # 429s happened and were retried
+    assert fake.answered == 10_000 - 2  # every line with a ciphertext got exactly one answer
+    assert "9987 rewrapped, 0 passed through, 13 rejected" in err
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_rejects_file_holds_line_code_and_fields_never_the_ciphertext(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    _, url = fake_server
+    lines = make_input(30, bad_every=10, retired=(3,))
+    lines[4] = "{not json"
+    lines[5] = json.dumps({"id": 6})
+    lines[6] = json.dumps({"id": 7, "encrypted_data": 5})
+    lines[7] = '{"id": 8, "encrypted_data": "a", "encrypted_data": "b"}'
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+
+    code, _, _ = run_tool(url, key_file, str(src), "--output", str(out))
+
+    assert code == 1
+    rejects = read_rejects(tmp_path / "out.jsonl.rejects")
+    by_line = {r["line"]: r for r in rejects}
+    assert [r["line"] for r in rejects] == [3, 5, 6, 7, 8, 10, 20, 30]  # in input order
+    assert by_line[3]["code"] == "key_retired"
+    assert by_line[3]["fields"] == {"id": 3, "user": "u-3"}
+    assert by_line[3]["request_id"].startswith("rewrap-") and by_line[3]["request_id"].endswith(
+        "-3"
+    )
+    assert len(by_line[3]["ct_fp"]) == 16
+    assert by_line[5] == {"line": 5, "code": "invalid_line"}
+    assert by_line[6] == {"line": 6, "code": "missing_field", "fields": {"id": 6}}
+    assert by_line[7] == {"line": 7, "code": "missing_field", "fields": {"id": 7}}
+    assert by_line[8] == {"line": 8, "code": "invalid_line"}  # a duplicated key
+    assert by_line[10]["code"] == "invalid_ciphertext"
+    text = (tmp_path / "out.jsonl.rejects").read_text()
+    assert "cit1:" not in text and "bad10" not in text
+    for i in (3, 5, 6, 7, 8, 10):  # rejected lines are copied unchanged
+        assert read_lines(out)[i - 1] == lines[i - 1]
+
+
+def test_clean_run_exits_0_and_writes_an_empty_rejects_file(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    _, url = fake_server
+    lines = make_input(50)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    stale = tmp_path / "out.jsonl.rejects"
+    stale.write_text('{"line": 1, "code": "from an older run"}\n')
+
+    code, err, _ = run_tool(url, key_file, str(src), "--output", str(tmp_path / "out.jsonl"))
+
+    assert code == 0
+    assert read_lines(tmp_path / "out.jsonl") == [rewrapped(line) for line in lines]
+    assert stale.read_text() == ""
+    assert "50 rewrapped, 0 passed through, 0 rejected" in err
+
+
+def test_rewrapped_lines_keep_every_other_byte(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    _, url = fake_server
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(
+        b'{ "z":1.50,  "encrypted_data" : "cit1:oldkid01:aa", "name":"caf\\u00e9", "n":[1 ,2]}\r\n'
+        b'{"encrypted_data":"cit1:oldkid01:bb","k":"\xc3\xa9"}'  # UTF-8, and no final newline
+    )
+    out = tmp_path / "out.jsonl"
+
+    assert run_tool(url, key_file, str(src), "--output", str(out))[0] == 0
+
+    assert out.read_bytes() == (
+        b'{ "z":1.50,  "encrypted_data" : "cit1:newkid01:aa", "name":"caf\\u00e9", "n":[1 ,2]}\r\n'
+        b'{"encrypted_data":"cit1:newkid01:bb","k":"\xc3\xa9"}\n'
+    )
+
+
+def test_null_ciphertext_passes_through_without_a_call(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    lines = [json.dumps({"id": 1, "encrypted_data": None}), record(2, OLD + "x")]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+
+    code, err, _ = run_tool(url, key_file, str(src), "--output", str(tmp_path / "o"))
+
+    assert code == 0 and fake.answered == 1
+    assert read_lines(tmp_path / "o")[0] == lines[0]
+    assert "1 rewrapped, 1 passed through" in err
+
+
+# -- passing through what is done -------------------------------------------------------
+
+
+def test_skip_prefix_passes_lines_through_without_a_call(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    lines = [record(i, (NEW if i % 2 else OLD) + f"q{i}") for i in range(1, 101)]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+
+    code, err, _ = run_tool(
+        url, key_file, str(src), "--output", str(tmp_path / "o"), "--skip-prefix", NEW
+    )
+
+    assert code == 0
+    assert fake.answered == 50
+    assert read_lines(tmp_path / "o") == [rewrapped(line) for line in lines]
+    assert "50 rewrapped, 50 passed through" in err
+
+
+def test_target_prefix_is_learned_from_the_first_answer(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    # Already rewrapped data: only the first line is sent, to learn the target.
+    lines = [record(i, NEW + f"q{i}") for i in range(1, 201)]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+
+    code, err, _ = run_tool(url, key_file, str(src), "--output", str(tmp_path / "o"))
+
+    assert code == 0
+    assert fake.answered == 1
+    assert read_lines(tmp_path / "o") == lines
+    assert "1 rewrapped, 199 passed through" in err
+
+
+def test_rerun_on_the_output_calls_only_for_what_was_rejected(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    src = write_lines(tmp_path / "in.jsonl", make_input(300, bad_every=100))
+    assert run_tool(url, key_file, str(src), "--output", str(tmp_path / "a"))[0] == 1
+    fake.answered = 0
+
+    code, err, _ = run_tool(url, key_file, str(tmp_path / "a"), "--output", str(tmp_path / "b"))
+
+    assert code == 1
+    assert fake.answered == 1 + 3  # the probe that learns the target, and the 3 bad lines
+    assert read_lines(tmp_path / "b") == read_lines(tmp_path / "a")
+    assert "296 passed through, 3 rejected" in err
+
+
+# -- interruption and resume ---------------------------------------------------------------
+
+
+def test_connection_failure_aborts_with_exit_2_and_a_consistent_partial(
+    tmp_path: Path, key_file: Path
+) -> None:
+    lines = make_input(2000)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    fake = FakeCitadel(fail_after=700)
+    with serve_app(fake) as url:
+        code, err, _ = run_tool(url, key_file, str(src), "--output", str(out))
+
+    assert code == 2
+    assert not out.exists()  # only a finished run makes the output
+    partial = read_lines(tmp_path / "out.jsonl.partial")
+    assert 0 < len(partial) <= 700
+    assert partial == [rewrapped(line) for line in lines[: len(partial)]]
+    assert (tmp_path / "out.jsonl.partial").read_bytes().endswith(b"\n")
+    assert "could not be reached after retries" in err
+    assert f"complete up to line {len(partial)}" in err
+    assert "--resume" in err
+
+
+def test_resume_after_an_abort_makes_only_the_remaining_calls(
+    tmp_path: Path, key_file: Path
+) -> None:
+    lines = make_input(2000, bad_every=450)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    with serve_app(FakeCitadel(fail_after=900)) as url:
+        assert run_tool(url, key_file, str(src), "--output", str(out))[0] == 2
+    kept = len(read_lines(tmp_path / "out.jsonl.partial"))
+
+    fake = FakeCitadel()
+    with serve_app(fake) as url:
+        code, err, _ = run_tool(url, key_file, str(src), "--output", str(out), "--resume")
+
+    assert code == 1  # the bad lines, from both runs
+    assert fake.answered == 2000 - kept
+    expected = [line if "bad" in line else rewrapped(line) for line in lines]
+    assert read_lines(out) == expected
+    rejects = read_rejects(tmp_path / "out.jsonl.rejects")
+    assert [r["line"] for r in rejects] == [450, 900, 1350, 1800]
+    assert f"({kept} lines kept from the partial output)" in err
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_killed_process_resumes_from_its_partial_output(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    lines = make_input(4000, bad_every=500)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "citadel", "rewrap", str(src), "--output", str(out)]
+    proc = subprocess.Popen(
+        [*argv, "--url", url, "--concurrency", "8"],
+        env=tool_env(CITADEL_API_KEY=API_KEY),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: fake.answered >= 1500 or proc.poll() is not None, timeout=60)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    # What the kill left: complete lines, perhaps a torn one after them.
+    kept = (tmp_path / "out.jsonl.partial").read_bytes().count(b"\n")
+    assert kept > 0
+    fake.answered = 0
+
+    code, _, _ = run_tool(url, key_file, str(src), "--output", str(out), "--resume")
+
+    assert code == 1
+    assert fake.answered == 4000 - kept  # only the lines the partial output did not hold
+    assert read_lines(out) == [line if "bad" in line else rewrapped(line) for line in lines]
+    assert [r["line"] for r in read_rejects(tmp_path / "out.jsonl.rejects")] == list(
+        range(500, 4001, 500)
+    )
+
+
+def test_partial_output_without_resume_is_refused(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    src = write_lines(tmp_path / "in.jsonl", make_input(10))
+    (tmp_path / "out.jsonl.partial").write_text("left by an interrupted run\n")
+
+    code, err, _ = run_tool(url, key_file, str(src), "--output", str(tmp_path / "out.jsonl"))
+
+    assert code == 2 and fake.answered == 0
+    assert "out.jsonl.partial exists" in err and "--resume" in err
+    assert (tmp_path / "out.jsonl.partial").read_text() == "left by an interrupted run\n"
+
+
+def test_resume_refuses_a_partial_output_of_another_input(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    src = write_lines(tmp_path / "in.jsonl", make_input(10))
+    # Same shape, other rows: only the fields beside the ciphertext can tell.
+    other = [rewrapped(record(i + 100, OLD + f"p{i:06d}")) for i in range(1, 4)]
+    write_lines(tmp_path / "out.jsonl.partial", other)
+
+    code, err, _ = run_tool(
+        url, key_file, str(src), "--output", str(tmp_path / "out.jsonl"), "--resume"
+    )
+
+    assert code == 2 and fake.answered == 0
+    assert "does not match the input at line 1" in err
+
+
+def test_resume_drops_a_line_torn_by_a_kill(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    fake, url = fake_server
+    lines = make_input(10)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    done = "".join(rewrapped(line) + "\n" for line in lines[:4])
+    (tmp_path / "out.jsonl.partial").write_text(done + rewrapped(lines[4])[:20])
+
+    code, _, _ = run_tool(
+        url, key_file, str(src), "--output", str(tmp_path / "out.jsonl"), "--resume"
+    )
+
+    assert code == 0 and fake.answered == 6
+    assert read_lines(tmp_path / "out.jsonl") == [rewrapped(line) for line in lines]
+
+
+def test_output_may_replace_the_input_in_place(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
+) -> None:
+    _, url = fake_server
+    lines = make_input(100)
+    src = write_lines(tmp_path / "data.jsonl", lines)
+
+    code, _, _ = run_tool(url, key_file, str(src), "--output", str(src))
+
+    assert code == 0
+    assert read_lines(src) == [rewrapped(line) for line in lines]
+
+
+# -- aborts that are not a line's fault -----------------------------------------------------
+
+
+def test_unknown_api_key_aborts_with_exit_2(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    fake, url = fake_server
+    src = write_lines(tmp_path / "in.jsonl", make_input(20))
+    wrong = tmp_path / "wrong-key"
+    wrong.write_text("not-the-key")
+
+    code, err, _ = run_tool(url, wrong, str(src), "--output", str(tmp_path / "o"))
+
+    assert code == 2 and fake.answered == 0
+    assert "refused the API key" in err and "not-the-key" not in err
+    assert read_lines(tmp_path / "o.partial") == []
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--api-key", "--api-key=", "--api"])
+def test_an_api_key_on_the_command_line_is_refused_without_echo(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [option + API_KEY] if option.endswith("=") else [option, API_KEY]
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert API_KEY not in err
+
+
+def test_without_a_key_file_or_environment_it_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(bulk.API_KEY_ENV, raising=False)
+    src = write_lines(tmp_path / "in.jsonl", make_input(1))
+    err = io.StringIO()
+
+    code = bulk.execute(parse(str(src), "--output", str(tmp_path / "o")), stderr=err)
+
+    assert code == 2
+    assert "set CITADEL_API_KEY or pass --api-key-file" in err.getvalue()
+
+
+def test_standard_output_needs_a_rejects_file(tmp_path: Path, key_file: Path) -> None:
+    code, err, _ = run_tool("http://127.0.0.1:9", key_file, stdin=b"")
+    assert code == 2
+    assert "--rejects FILE is required" in err
+
+
+def test_stdin_to_stdout_through_the_cli_with_the_key_from_the_environment(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    _, url = fake_server
+    lines = make_input(300, bad_every=150)
+    rejects = tmp_path / "rejects.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "citadel", "rewrap", "--url", url, "--rejects", str(rejects)],
+        input="".join(line + "\n" for line in lines).encode(),
+        env=tool_env(CITADEL_API_KEY=API_KEY),
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert run.stdout.decode().splitlines() == [
+        line if "bad" in line else rewrapped(line) for line in lines
+    ]
+    assert [r["line"] for r in read_rejects(rejects)] == [150, 300]
+    stderr = run.stderr.decode()
+    assert "298 rewrapped, 0 passed through, 2 rejected" in stderr
+    assert "\x1b[" not in stderr and "rewrap:" in stderr  # no progress bar: not a terminal
+    assert API_KEY not in stderr + run.stdout.decode() + rejects.read_text()
+
+
+def test_sigterm_stops_with_a_resumable_partial(
+    tmp_path: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    fake, url = fake_server
+    lines = make_input(10_000)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "citadel", "rewrap", str(src), "-o", str(out), "--url", url],
+        env=tool_env(CITADEL_API_KEY=API_KEY),
+        stderr=subprocess.PIPE,
+    )
+    wait_until(lambda: fake.answered >= 1000 or proc.poll() is not None, timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+
+    assert proc.returncode == 130
+    partial = read_lines(tmp_path / "out.jsonl.partial")
+    assert partial == [rewrapped(line) for line in lines[: len(partial)]]
+    assert b"interrupted by SIGTERM" in stderr and b"--resume" in stderr
+
+
+@pytest.mark.parametrize("prefix", ["cit1:", "cit1:oldkid01", "cit1::", "ev", "x:"])
+def test_a_skip_prefix_of_another_form_is_refused(
+    tmp_path: Path, key_file: Path, prefix: str
+) -> None:
+    src = write_lines(tmp_path / "in.jsonl", make_input(1))
+    code, err, _ = run_tool(
+        "http://127.0.0.1:9", key_file, str(src), "-o", str(tmp_path / "o"), "--skip-prefix", prefix
+    )
+    assert code == 2
+    assert "--skip-prefix must be cit1:<key id>: or ev:" in err
+
+
+def test_messages_never_show_a_password_in_the_url(tmp_path: Path, key_file: Path) -> None:
+    src = write_lines(tmp_path / "in.jsonl", make_input(3))
+    code, err, _ = run_tool(
+        "http://ops:CANARY-URL-PASSWORD@127.0.0.1:9", key_file, str(src), "-o", str(tmp_path / "o")
+    )
+    assert code == 2
+    assert "could not be reached" in err
+    assert "CANARY-URL-PASSWORD" not in err
+
+
+def test_only_the_top_level_encrypted_data_is_replaced() -> None:
+    parsed = bulk.parse_line('{"meta": {"encrypted_data": "inner"}, "encrypted_data": "outer"}')
+    assert parsed.value == "outer"
+    assert parsed.fields == {"meta": {"encrypted_data": "inner"}}
+    assert parsed.replaced("cit1:k:new") == (
+        '{"meta": {"encrypted_data": "inner"}, "encrypted_data": "cit1:k:new"}'
+    )
+
+
+@pytest.mark.parametrize(
+    "text", ["", "[]", '"x"', "{", '{"a": 1,}', '{"a" 1}', "{} {}", '{"a": 1} x', "{'a': 1}"]
+)
+def test_lines_that_are_not_one_json_object_are_invalid(text: str) -> None:
+    with pytest.raises(bulk.LineError) as exc:
+        bulk.parse_line(text)
+    assert exc.value.code == "invalid_line"
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    bar = bulk._progress(Terminal(), 1000, 0, 0)
+    assert type(bar).__name__ == "tqdm"
+    bar.close()
+    assert isinstance(bulk._progress(io.StringIO(), 1000, 0, 0), bulk._NoProgress)
