@@ -1,9 +1,9 @@
-"""The benchmark's baseline: a bare FastAPI endpoint that only validates the same JSON body."""
+"""The benchmark's baseline: bare FastAPI endpoints that only validate the same JSON bodies."""
 
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from citadel.api import DecryptRequest, EncryptRequest
+from citadel.api import CiphertextRequest, EncryptRequest, SignRequest
 
 app = FastAPI()
 
@@ -14,5 +14,15 @@ async def encrypt(body: EncryptRequest) -> Response:
 
 
 @app.post("/decrypt")
-async def decrypt(body: DecryptRequest) -> Response:
+async def decrypt(body: CiphertextRequest) -> Response:
     return Response(b'{"plaintext":"x"}', media_type="application/json")
+
+
+@app.post("/sign")
+async def sign(body: SignRequest) -> Response:
+    return Response(b'{"signature":"x"}', media_type="application/json")
+
+
+@app.post("/rewrap")
+async def rewrap(body: CiphertextRequest) -> Response:
+    return Response(b'{"encrypted_data":"x"}', media_type="application/json")

@@ -34,7 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SENTINEL = "bench-sentinel-" + "s" * 40
 CONDUCTOR = "bench-conductor-" + "c" * 40
+MIGRATOR = "bench-migrator-" + "m" * 40
 PLAINTEXT = "binance-api-key-" + "k" * 48  # the size of a real exchange key
+# Binance's documented order query: what Conductor signs for a limit order.
+ORDER = (
+    "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1"
+    "&recvWindow=5000&timestamp=1499827319559"
+)
 UNLIMITED = "1000000000/minute"
 UVICORN = [
     "--no-access-log",
@@ -82,9 +88,14 @@ def wait_ready(url: str, path: str = "/health", timeout: float = 30) -> None:
 def server(
     target: list[str], env: dict[str, str], cwd: Path, log: Path, workers: int = 1
 ) -> Iterator[str]:
+    """The bare app under uvicorn's CLI, or Citadel (``target == ["citadel"]``) as users run it."""
     port = free_port()
-    flags = [*UVICORN[:-1], str(workers)]
-    cmd = [PY, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port), *flags]
+    if target == ["citadel"]:
+        # `citadel serve`: the header guard protocol and every other edge setting included.
+        cmd = [PY, "-m", "citadel", "serve", "--port", str(port), "--workers", str(workers)]
+    else:
+        flags = [*UVICORN[:-1], str(workers)]
+        cmd = [PY, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port), *flags]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -100,7 +111,12 @@ def citadel_env(workdir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CITADEL_", "EVERVAULT_"))}
     env.update(
         {
-            "CITADEL_API_KEYS": json.dumps({"sentinel": [SENTINEL], "conductor": [CONDUCTOR]}),
+            "CITADEL_API_KEYS": json.dumps(
+                {"sentinel": [SENTINEL], "conductor": [CONDUCTOR], "migrator": [MIGRATOR]}
+            ),
+            "CITADEL_ACL": json.dumps(
+                {"sentinel": ["encrypt"], "conductor": ["decrypt", "sign"], "migrator": ["rewrap"]}
+            ),
             "CITADEL_RATE_LIMIT_PER_CALLER": UNLIMITED,
             "CITADEL_RATE_LIMIT_PER_USER": UNLIMITED,
             "CITADEL_RATE_LIMIT_AUTH_FAILURES": UNLIMITED,
@@ -217,8 +233,26 @@ def run_local(
             CONDUCTOR,
             args,
         )
+        bare_sign = measure(
+            load,
+            "bare FastAPI /sign (validate only)",
+            bare_url,
+            "/sign",
+            {"encrypted_data": "x" * 120, "algorithm": "hmac-sha256", "message": ORDER},
+            CONDUCTOR,
+            args,
+        )
+        bare_rewrap = measure(
+            load,
+            "bare FastAPI /rewrap (validate only)",
+            bare_url,
+            "/rewrap",
+            {"encrypted_data": "x" * 120},
+            MIGRATOR,
+            args,
+        )
     env = citadel_env(work, **args.citadel_env)
-    with server(["citadel.app:app_from_env", "--factory"], env, work, cit_log) as url:
+    with server(["citadel"], env, work, cit_log) as url:
         ct = httpx.post(
             url + "/encrypt",
             json={"plaintext": PLAINTEXT},
@@ -242,8 +276,50 @@ def run_local(
             CONDUCTOR,
             args,
         )
-    rows += [(enc, bare_enc), (dec, bare_dec)]
+        sig = measure(
+            load,
+            f"citadel /sign hmac-sha256 ({args.label})",
+            url,
+            "/sign",
+            {"encrypted_data": ct, "algorithm": "hmac-sha256", "message": ORDER},
+            CONDUCTOR,
+            args,
+        )
+        rew = measure(
+            load,
+            f"citadel /rewrap ({args.label})",
+            url,
+            "/rewrap",
+            {"encrypted_data": ct},
+            MIGRATOR,
+            args,
+        )
+        bulk = bulk_rewrap(url, ct, work, args)
+    rows += [(enc, bare_enc), (dec, bare_dec), (sig, bare_sign), (rew, bare_rewrap)]
+    report(rows)
+    print(
+        f"{'citadel rewrap (bulk tool), ' + str(bulk[0]) + ' lines':44} {bulk[1]:9.0f}"
+        f"{'':36}{bulk[1] / rew.rps:.0%}  of /rewrap"
+    )
     return rows
+
+
+def bulk_rewrap(url: str, ct: str, work: Path, args: argparse.Namespace) -> tuple[int, float]:
+    """Lines per second of `citadel rewrap` over a JSON-lines export against the same server."""
+    lines = max(2000, int(args.duration * 600))
+    src, out = work / "export.jsonl", work / "rewrapped.jsonl"
+    with open(src, "w") as f:
+        for i in range(lines):
+            f.write(json.dumps({"id": i, "encrypted_data": ct}) + "\n")
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "CITADEL_API_KEY": MIGRATOR, "PYTHONPATH": str(ROOT)}
+    # The source ciphertext is under the active key, so a prefix that matches
+    # nothing makes the tool rewrap every line instead of passing them through.
+    cmd = [PY, "-m", "citadel", "rewrap", str(src), "-o", str(out), "--url", url]
+    cmd += ["--skip-prefix", "none:"]
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return lines, lines / (time.perf_counter() - start)
 
 
 @contextmanager
@@ -358,7 +434,7 @@ def run_redis(args: argparse.Namespace, load: Callable[..., Result], work: Path)
         for label, uri in (("memory://", "memory://"), ("redis", f"redis://127.0.0.1:{port}/0")):
             env = citadel_env(work, CITADEL_RATE_LIMIT_STORAGE_URI=uri)
             with server(
-                ["citadel.app:app_from_env", "--factory"], env, work, work / "c.log"
+                ["citadel"], env, work, work / "c.log"
             ) as url:
                 r = measure(
                     load,
@@ -378,7 +454,7 @@ def run_redis(args: argparse.Namespace, load: Callable[..., Result], work: Path)
                         work, CITADEL_RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{p}/0"
                     )
                     with server(
-                        ["citadel.app:app_from_env", "--factory"], env, work, work / "h.log"
+                        ["citadel"], env, work, work / "h.log"
                     ) as url:
                         h = health_under_load(url, args)
                         h.name = f"/health under /encrypt load, {label}"
@@ -482,7 +558,7 @@ def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: P
                 SENTINEL,
                 args,
             )
-        with server(["citadel.app:app_from_env", "--factory"], env, work, work / "ev.log") as url:
+        with server(["citadel"], env, work, work / "ev.log") as url:
             wait_ready(url, "/ready")
             enc = measure(
                 load,
@@ -512,7 +588,7 @@ def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: P
             )
             args.connections = conns
         with server(
-            ["citadel.app:app_from_env", "--factory"], env, work, work / "ev2.log", workers=2
+            ["citadel"], env, work, work / "ev2.log", workers=2
         ) as url:
             wait_ready(url, "/ready")
             args.connections = 64
@@ -560,7 +636,7 @@ def main() -> None:
         scenarios = args.scenario or ["local", "redis", "evervault"]
         if "local" in scenarios:
             args.citadel_env, args.label = {}, "local provider, memory limits"
-            report(run_local(args, load, work))
+            run_local(args, load, work)
         if "redis" in scenarios and shutil.which("redis-server"):
             run_redis(args, load, work)
         if "evervault" in scenarios:
