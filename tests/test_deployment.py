@@ -112,8 +112,8 @@ def env_lines(text: str) -> list[str]:
 
 
 def test_env_examples_work_with_docker_env_file() -> None:
-    # `docker run --env-file` and Compose v1 keep everything after "=" (an
-    # inline "# comment", quotes) in the value.
+    # `docker run --env-file` keeps everything after "=" (an inline
+    # "# comment", quotes) in the value; Compose strips them.
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
     lines = env_lines((ROOT / ".env.example").read_text())
