@@ -15,6 +15,9 @@ RUN docker/install deps /opt/venv
 COPY README.md ./
 COPY citadel ./citadel
 RUN docker/install app /opt/venv
+# Nothing is installed at run time: no pip in the runtime image (15 MB less, and
+# one tool fewer for an intruder).
+RUN /opt/venv/bin/python -m pip uninstall --quiet --yes pip
 
 FROM python:3.11-slim
 # uid and gid 10001, both with an entry (so `id` and logs name them), made
