@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8004
 
-.PHONY: run test lint bench emulator clean
+.PHONY: run test lint bench emulator container-check clean
 
 $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Citadel needs Python 3.11 or newer" if sys.version_info < (3, 11) else 0)'
@@ -34,6 +34,9 @@ bench: $(VENV)/.installed  ## throughput and latency against a bare FastAPI endp
 
 emulator: $(VENV)/.installed  ## an Evervault API emulator on port 3999
 	$(BIN)/python -m evervault_emulator --port 3999
+
+container-check:  ## build the image, run it and both compose stacks for real (needs root or a running Docker engine)
+	scripts/check-container
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info client/*.egg-info client/build

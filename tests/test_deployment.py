@@ -4,6 +4,8 @@ The compose files are validated against the Compose Specification's JSON
 schema (tests/data/compose-spec.json, from github.com/compose-spec), and the
 Dockerfile's own install and start commands are run in a clean virtual
 environment from a copy of exactly what the build context would send.
+scripts/check-container (`make container-check`) builds and runs the image and
+both stacks for real where a Docker engine can be had.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -26,6 +29,8 @@ from support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.evervault.yml", "docker-compose.local.yml"]
+EMULATOR_OVERRIDE = "docker-compose.evervault-emulator.yml"
+PUBLISH = "${CITADEL_PUBLISH:-8004}:8004"
 
 
 def schema_validator() -> jsonschema.Draft201909Validator:
@@ -33,7 +38,7 @@ def schema_validator() -> jsonschema.Draft201909Validator:
     return jsonschema.Draft201909Validator(schema)
 
 
-@pytest.mark.parametrize("name", COMPOSE_FILES)
+@pytest.mark.parametrize("name", [*COMPOSE_FILES, EMULATOR_OVERRIDE])
 def test_compose_file_fits_the_compose_specification(name: str) -> None:
     document = yaml.safe_load((ROOT / name).read_text())
     errors = [e.message for e in schema_validator().iter_errors(document)]
@@ -49,11 +54,14 @@ def test_the_schema_rejects_what_compose_would() -> None:
 def test_compose_publishes_only_citadel_with_healthchecks_and_restarts(name: str) -> None:
     services = yaml.safe_load((ROOT / name).read_text())["services"]
     assert {s for s, spec in services.items() if "ports" in spec} == {"citadel"}
-    assert services["citadel"]["ports"] == ["8004:8004"]
+    # 8004 unless CITADEL_PUBLISH says otherwise (127.0.0.1:8004, another port).
+    assert services["citadel"]["ports"] == [PUBLISH]
     for spec in services.values():
         assert spec["healthcheck"]["test"]
         assert spec["restart"] == "unless-stopped"
         assert spec["read_only"] is True
+        assert spec["cap_drop"] == ["ALL"] and "cap_add" not in spec
+        assert spec["security_opt"] == ["no-new-privileges:true"]
     assert services["citadel"]["environment"]["CITADEL_RATE_LIMIT_STORAGE_URI"].startswith(
         "redis://redis:"
     )
@@ -68,13 +76,68 @@ def test_evervault_compose_runs_the_evervault_provider_in_production() -> None:
     assert env["CITADEL_ENV"] == "production"
 
 
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_redis_runs_as_its_own_user_so_it_needs_no_capability(name: str) -> None:
+    # As root, the redis image's entrypoint switches to the redis user with
+    # gosu, which cap_drop ALL forbids ("failed switching to "redis"").
+    redis = yaml.safe_load((ROOT / name).read_text())["services"]["redis"]
+    assert redis["user"] == "999:999"
+    assert redis["image"] == "redis:7-bookworm"  # Debian's redis user is 999:999
+    assert redis["command"][0] == "redis-server"
+
+
+@pytest.mark.parametrize("name", [*COMPOSE_FILES, EMULATOR_OVERRIDE])
+def test_compose_image_is_the_packaged_version(name: str) -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    services = yaml.safe_load((ROOT / name).read_text())["services"]
+    images = {spec["image"] for spec in services.values() if "image" in spec}
+    assert {i for i in images if i.startswith("citadel:")} == {f"citadel:{version}"}
+
+
+def test_emulator_override_points_citadel_at_the_emulator_on_the_compose_network() -> None:
+    services = yaml.safe_load((ROOT / EMULATOR_OVERRIDE).read_text())["services"]
+    citadel, emulator = services["citadel"], services["evervault"]
+    assert citadel["environment"]["EVERVAULT_API_URL"] == "http://evervault:3999/"
+    assert citadel["depends_on"]["evervault"]["condition"] == "service_healthy"
+    command = emulator["command"]
+    assert command[:3] == ["python", "-m", "evervault_emulator"]
+    assert command[command.index("--app-id") + 1] == citadel["environment"]["EVERVAULT_APP_ID"]
+    assert command[command.index("--api-key") + 1] == citadel["environment"]["EVERVAULT_API_KEY"]
+    assert "ports" not in emulator
+    assert emulator["read_only"] is True and emulator["cap_drop"] == ["ALL"]
+
+
+def env_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.match(r"#?[A-Z][A-Z0-9_]*=", line)]
+
+
+def test_env_examples_work_with_docker_env_file() -> None:
+    # `docker run --env-file` keeps everything after "=" (an inline
+    # "# comment", quotes) in the value; Compose strips them.
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
+    lines = env_lines((ROOT / ".env.example").read_text())
+    lines += [line for block in blocks for line in env_lines(block)]
+    assert any(line.startswith("CITADEL_API_KEYS=") for line in lines)
+    for line in lines:
+        value = line.split("=", 1)[1]
+        assert " #" not in value and not value.startswith(("'", '"')), line
+
+
 def dockerfile() -> str:
     return (ROOT / "Dockerfile").read_text()
 
 
 def test_dockerfile_runs_as_non_root_exposes_8004_and_checks_health() -> None:
     text = dockerfile()
-    assert re.search(r"^USER 10001", text, re.M)
+    assert re.search(r"^USER 10001:10001$", text, re.M)
+    # the group exists with that gid (not the next free system gid), and no
+    # home is created: /etc/skel would land in the data volume
+    code = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    assert "groupadd --system --gid 10001 citadel" in code and "--gid 10001" in code
+    assert "--create-home" not in code and "--user-group" not in code
+    # BuildKit fetches a "# syntax=" frontend image from a registry
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
     assert re.search(r"^EXPOSE 8004$", text, re.M)
     assert "HEALTHCHECK" in text and "/health" in text
     assert text.count("FROM ") == 2  # multi-stage
