@@ -10,7 +10,10 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY docker/install docker/install
 COPY pyproject.toml ./
-# Dependencies only: this layer is rebuilt only when pyproject.toml changes.
+# The client distribution (errors and client code the server shares): installed
+# from the tree, never looked up by name on a public index.
+COPY client ./client
+# Dependencies only: this layer is rebuilt only when pyproject.toml or client/ change.
 RUN docker/install deps /opt/venv
 COPY README.md ./
 COPY citadel ./citadel
