@@ -1,6 +1,6 @@
 # Citadel: multi-stage, non-root, read-only-root-filesystem friendly.
-#   docker build -t citadel:2.0.0 .
-#   docker run --read-only --tmpfs /tmp -v citadel-data:/var/lib/citadel --env-file .env -p 8004:8004 citadel:2.0.0
+#   docker build -t citadel:2.1.0 .
+#   docker run --read-only --tmpfs /tmp -v citadel-data:/var/lib/citadel --env-file .env -p 8004:8004 citadel:2.1.0
 # No "# syntax=" line: it makes BuildKit fetch a frontend image from a registry
 # before building, which fails where only the base image is available; the
 # built-in frontend understands everything used here.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import pytest
 from support import KEYS, Served, headers
 
@@ -248,7 +250,7 @@ def test_health_body(citadel: Served) -> None:
     assert r.json() == {
         "status": "healthy",
         "service": "citadel",
-        "version": "2.0.0",
+        "version": version("citadel"),
         "provider": "local",
         "breaker": "closed",
         "decrypt_providers": ["local"],

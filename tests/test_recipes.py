@@ -1,4 +1,4 @@
-"""The README's signing recipes (docs/signing-recipes.md), executed against a running Citadel.
+"""The README's signing recipes ("Signing orders without seeing the secret"), run against Citadel.
 
 Every ```python block of the recipes page is executed as written; each recipe
 then runs over real HTTP against a Citadel served on loopback, through the
@@ -31,7 +31,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from support import KEYS, Served, make_settings, serve_citadel
 
-RECIPES = Path(__file__).resolve().parent.parent / "docs" / "signing-recipes.md"
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION = "## Signing orders without seeing the secret"
+
+
+def recipes_text() -> str:
+    """The README's signing section, from its heading to the next section."""
+    text = README.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    return text[start : end if end != -1 else len(text)]
 ACL = {"conductor": ["decrypt", "sign"], "sentinel": ["encrypt"]}
 
 # Binance's documentation example (SIGNED endpoint examples for POST /api/v3/order).
@@ -106,10 +115,10 @@ class HttpCitadel:
 
 def recipe_namespace() -> dict[str, Any]:
     """The page's Python blocks, executed in order into one namespace."""
-    blocks = re.findall(r"```python\n(.*?)```", RECIPES.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", recipes_text(), flags=re.S)
     namespace: dict[str, Any] = {"__name__": "signing_recipes"}
     for block in blocks:
-        exec(compile(block, str(RECIPES), "exec"), namespace)
+        exec(compile(block, str(README), "exec"), namespace)
     return namespace
 
 
@@ -175,7 +184,7 @@ def test_every_recipe_block_runs_and_defines_its_function(recipes: dict[str, Any
 
 
 def test_every_json_body_on_the_page_uses_only_contract_values() -> None:
-    text = RECIPES.read_text()
+    text = recipes_text()
     bodies = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, flags=re.S)]
     assert len(bodies) >= 9
     for body in bodies:
@@ -206,7 +215,7 @@ def test_binance_hmac_recipe_gives_the_documented_signature(
 
 
 def test_binance_json_body_on_the_page_gives_the_documented_signature(served: Served) -> None:
-    text = RECIPES.read_text()
+    text = recipes_text()
     body = json.loads(re.findall(r"```json\n(.*?)```", text, flags=re.S)[0])
     body["encrypted_data"] = encrypt(served, BINANCE_SECRET)
     with served.client() as c:
@@ -426,7 +435,7 @@ def test_kraken_recipe_gives_the_documented_api_sign(
 
 
 def test_kraken_json_body_on_the_page_gives_the_documented_api_sign(served: Served) -> None:
-    text = RECIPES.read_text()
+    text = recipes_text()
     (body,) = [
         json.loads(b)
         for b in re.findall(r"```json\n(.*?)```", text, flags=re.S)
