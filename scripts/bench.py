@@ -433,9 +433,7 @@ def run_redis(args: argparse.Namespace, load: Callable[..., Result], work: Path)
     with redis_server() as port:
         for label, uri in (("memory://", "memory://"), ("redis", f"redis://127.0.0.1:{port}/0")):
             env = citadel_env(work, CITADEL_RATE_LIMIT_STORAGE_URI=uri)
-            with server(
-                ["citadel"], env, work, work / "c.log"
-            ) as url:
+            with server(["citadel"], env, work, work / "c.log") as url:
                 r = measure(
                     load,
                     f"citadel /encrypt, limits in {label}",
@@ -453,9 +451,7 @@ def run_redis(args: argparse.Namespace, load: Callable[..., Result], work: Path)
                     env = citadel_env(
                         work, CITADEL_RATE_LIMIT_STORAGE_URI=f"redis://127.0.0.1:{p}/0"
                     )
-                    with server(
-                        ["citadel"], env, work, work / "h.log"
-                    ) as url:
+                    with server(["citadel"], env, work, work / "h.log") as url:
                         h = health_under_load(url, args)
                         h.name = f"/health under /encrypt load, {label}"
                         health.append(h)
@@ -587,9 +583,7 @@ def run_evervault(args: argparse.Namespace, load: Callable[..., Result], work: P
                 args,
             )
             args.connections = conns
-        with server(
-            ["citadel"], env, work, work / "ev2.log", workers=2
-        ) as url:
+        with server(["citadel"], env, work, work / "ev2.log", workers=2) as url:
             wait_ready(url, "/ready")
             args.connections = 64
             dec2 = measure(

@@ -41,6 +41,8 @@ def recipes_text() -> str:
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
     return text[start : end if end != -1 else len(text)]
+
+
 ACL = {"conductor": ["decrypt", "sign"], "sentinel": ["encrypt"]}
 
 # Binance's documentation example (SIGNED endpoint examples for POST /api/v3/order).
