@@ -243,6 +243,12 @@ def test_rotations_under_cross_traffic_never_fail_a_decrypt(tmp_path: Path) -> N
         assert tally.ok > 0
         assert len(activated) >= 3
         assert set(activated) <= tally.kids
+        # One more round trip each way, after the load: both instances use the last key.
+        with httpx.Client(timeout=30) as client:
+            for maker, reader in ((a, b), (b, a)):
+                r = client.post(maker.url + "/encrypt", json={"plaintext": "x"}, headers=SENTINEL)
+                assert kid(r.json()["encrypted_data"]) == activated[-1]
+                assert plaintext(reader.decrypt(r.json()["encrypted_data"], client)) == "x"
         for instance in (a, b):
             metrics = httpx.get(instance.url + "/metrics").text
             assert f'citadel_keyring_decrypts_total{{key_id="{activated[-1]}"}}' in metrics
