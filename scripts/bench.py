@@ -313,10 +313,20 @@ def bulk_rewrap(url: str, ct: str, work: Path, args: argparse.Namespace) -> tupl
             f.write(json.dumps({"id": i, "encrypted_data": ct}) + "\n")
     out.unlink(missing_ok=True)
     env = {**os.environ, "CITADEL_API_KEY": MIGRATOR, "PYTHONPATH": str(ROOT)}
-    # The source ciphertext is under the active key, so a prefix that matches
-    # nothing makes the tool rewrap every line instead of passing them through.
+    # A rotation, as in the runbook: the export is under the old key, so every
+    # line is rewrapped; wait until the server encrypts under the new key.
+    ring = work / "keyring.json"
+    subprocess.run([PY, "-m", "citadel", "keyring", "rotate", "--path", str(ring)], check=True)
+    old_kid = ct.split(":")[1]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = httpx.post(
+            url + "/encrypt", json={"plaintext": "x"}, headers={"X-Internal-API-Key": SENTINEL}
+        )
+        if r.json()["encrypted_data"].split(":")[1] != old_kid:
+            break
+        time.sleep(0.2)
     cmd = [PY, "-m", "citadel", "rewrap", str(src), "-o", str(out), "--url", url]
-    cmd += ["--skip-prefix", "none:"]
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     return lines, lines / (time.perf_counter() - start)

@@ -307,9 +307,21 @@ class _Base:
         self._deadline = deadline
         self._clock = clock
         self._random = random
+        self._urls: dict[str, httpx.URL] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(<api key hidden>)"
+
+    def _url(self, http: httpx.Client | httpx.AsyncClient, path: str) -> httpx.URL:
+        """The absolute URL of ``path``, merged with the base URL once, not on every call.
+
+        httpx parses a relative URL and merges it with the base URL for every
+        request: the largest share of a call's CPU for a job making many.
+        """
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = http.build_request("POST", path).url
+        return url
 
     def _prepare(
         self, payload: dict[str, str], user_id: str | None, request_id: str | None
@@ -436,7 +448,7 @@ class CitadelClient(_Base):
         try:
             with self._http.stream(
                 "POST",
-                path,
+                self._url(self._http, path),
                 content=content,
                 headers=headers,
                 timeout=budget.timeout(self._timeout),
@@ -563,7 +575,7 @@ class AsyncCitadelClient(_Base):
         try:
             async with self._http.stream(
                 "POST",
-                path,
+                self._url(self._http, path),
                 content=content,
                 headers=headers,
                 timeout=budget.timeout(self._timeout),
