@@ -109,8 +109,23 @@ async def test_a_connection_the_server_closed_is_replaced_before_sending(
 
 
 @pytest.mark.anyio
-async def test_an_answer_without_content_length_is_a_protocol_error() -> None:
-    server = OneShotServer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+async def test_a_chunked_answer_is_read_whole() -> None:
+    server = OneShotServer(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"4\r\nabcd\r\n3;ext=1\r\nefg\r\n0\r\n\r\n"
+    )
+    try:
+        transport = AsyncKeepAliveTransport()
+        request = httpx.Request("POST", server.url + "/rewrap", content=b"{}")
+        response = await transport.handle_async_request(request)
+        assert (response.status_code, response.content) == (200, b"abcdefg")
+    finally:
+        server.sock.close()
+
+
+@pytest.mark.anyio
+async def test_an_answer_of_unknown_framing_is_a_protocol_error() -> None:
+    server = OneShotServer(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n")
     try:
         transport = AsyncKeepAliveTransport()
         request = httpx.Request("POST", server.url + "/rewrap", content=b"{}")

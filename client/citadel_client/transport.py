@@ -4,8 +4,8 @@ httpx's default transport (httpcore over anyio) spends several hundred
 microseconds of CPU per request on pool bookkeeping, socket probes and
 typed-attribute lookups: for a job that makes tens of thousands of calls in a
 row (``citadel rewrap``), more than Citadel spends answering them. This
-transport speaks just what Citadel answers, HTTP/1.1 with ``Content-Length``
-bodies, over one asyncio stream, for one request at a time: give each
+transport speaks just what Citadel (or a proxy in front of it) answers, HTTP/1.1 with
+``Content-Length`` or chunked bodies, over one asyncio stream, for one request at a time: give each
 concurrent lane its own client and transport::
 
     transport = AsyncKeepAliveTransport()
@@ -66,7 +66,10 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
             async with asyncio.timeout(timeouts.get("read")):
                 status, headers = await self._read_head(reader)
                 length = _content_length(headers)
-                content = await reader.readexactly(length) if length else b""
+                if length is None:
+                    content = await _read_chunked(reader)
+                else:
+                    content = await reader.readexactly(length) if length else b""
         except TimeoutError:
             self._drop()
             raise httpx.ReadTimeout("Citadel did not answer in time.", request=request) from None
@@ -138,10 +141,13 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
                 await writer.wait_closed()
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
-    for name, _value in headers:
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body's length, or None for a chunked body (a proxy in between may chunk)."""
+    for name, value in headers:
         if name == b"transfer-encoding":
-            raise httpx.RemoteProtocolError("Citadel's answer is not length-delimited.")
+            if value.lower() != b"chunked":
+                raise httpx.RemoteProtocolError("Citadel's answer has an unknown encoding.")
+            return None
     values = {value for name, value in headers if name == b"content-length"}
     if len(values) != 1:
         raise httpx.RemoteProtocolError("Citadel's answer has no single Content-Length.")
@@ -149,3 +155,22 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
     if not value.isdigit() or int(value) > MAX_BODY_BYTES:
         raise httpx.RemoteProtocolError("Citadel's answer has an unusable Content-Length.")
     return int(value)
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = (await reader.readuntil(b"\r\n"))[:-2].split(b";", 1)[0].strip()
+        try:
+            size = int(size_line, 16)
+        except ValueError:
+            raise httpx.RemoteProtocolError("Citadel's answer has a malformed chunk.") from None
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, ignored
+                pass
+            return bytes(body)
+        if size < 0 or len(body) + size > MAX_BODY_BYTES:
+            raise httpx.RemoteProtocolError("Citadel's answer is too large.")
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise httpx.RemoteProtocolError("Citadel's answer has a malformed chunk.")
