@@ -350,3 +350,38 @@ def test_two_instances_on_one_redis_share_a_callers_own_budget(
     ):
         results = [enc_migrator(client) for _ in range(3) for client in (ca, cb)]
     assert codes(results) == [200, 200, 200, 200, 429, 429]
+
+
+def test_citadel_rate_limits_from_the_environment_of_a_real_process(tmp_path: Path) -> None:
+    import json
+
+    from support import serving
+
+    env = {
+        "CITADEL_API_KEYS": json.dumps(WITH_MIGRATOR["api_keys"]),
+        "CITADEL_ACL": json.dumps({"sentinel": ["encrypt"], "migrator": ["encrypt"]}),
+        "CITADEL_RATE_LIMIT_PER_CALLER": "2/minute",
+        "CITADEL_RATE_LIMITS": json.dumps({"migrator": "50/minute"}),
+    }
+    with serving(tmp_path, **env) as (url, _proc), httpx.Client(base_url=url) as c:
+        sentinel = [enc(c) for _ in range(3)]
+        migrator = [enc_migrator(c) for _ in range(10)]
+    assert codes(sentinel) == [200, 200, 429]
+    assert codes(migrator) == [200] * 10
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['{"migrator": "lots-SECRETISH/minute"}', '["migrator"]', '{"": "5/minute"}', "not json"],
+)
+def test_bad_citadel_rate_limits_stops_start_up_naming_the_setting(
+    tmp_path: Path, value: str
+) -> None:
+    from support import free_port, run
+
+    result = run(["serve", "--port", str(free_port())], tmp_path, CITADEL_RATE_LIMITS=value)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "CITADEL_RATE_LIMITS" in output
+    assert "SECRETISH" not in output
+    assert "Traceback" not in output
