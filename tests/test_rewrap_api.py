@@ -356,3 +356,84 @@ def test_rewrap_of_an_undecryptable_ev_ciphertext_is_400(
         health = c.get("/health").json()
     assert (r.status_code, r.json()["code"]) == (400, "invalid_ciphertext")
     assert health["breaker"] == "closed"
+
+
+def test_rewrap_into_evervault_while_evervault_is_unreachable_is_503(tmp_path: Path) -> None:
+    emu = EvervaultEmulator()
+    emu.start()
+    emu.stop()  # a known port with nothing behind it
+    keyring = tmp_path / "keyring.json"
+    create_keyring(keyring, origin="operator")
+    with serve_citadel(settings_for(tmp_path)) as old_site, old_site.client() as c:
+        local_ct = encrypt(c)
+    settings = settings_for(
+        tmp_path, provider="evervault", decrypt_providers_raw="local", **ev_values(emu)
+    )
+    with serve_citadel(settings) as s, s.client() as c:
+        r = rewrap(c, local_ct)
+        still_local = decrypt(c, local_ct)
+    assert (r.status_code, r.json()["code"]) == (503, "provider_unavailable")
+    assert int(r.headers["retry-after"]) >= 1
+    assert SECRET not in r.text
+    assert still_local.json() == {"plaintext": SECRET}
+
+
+def test_no_plaintext_canary_on_any_rewrap_path(
+    tmp_path: Path, emulator: EvervaultEmulator, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from citadel.audit import configure_logging
+
+    canary = "CANARYREWRAP5e6f7a"
+    keyring = tmp_path / "keyring.json"
+    create_keyring(keyring, origin="operator")
+    settings = settings_for(
+        tmp_path,
+        provider="evervault",
+        decrypt_providers_raw="local",
+        log_level="debug",
+        rate_limits={"alchemist": "1/minute"},
+        acl={**ACL, "alchemist": ["rewrap"]},
+        breaker_fail_max=1,
+        breaker_reset_s=30,
+        **ev_values(emulator),
+    )
+    with serve_citadel(settings_for(tmp_path)) as old_site, old_site.client() as c:
+        local_ct = encrypt(c, canary)
+        old_kid = key_id(local_ct)
+    configure_logging(settings)
+    with serve_citadel(settings) as s, s.client() as c:
+        ready(s)
+        ev_ct = rewrap(c, local_ct).json()["encrypted_data"]
+        answers = [
+            rewrap(c, ev_ct),  # ev: -> ev:, through Evervault's decrypt
+            rewrap(c, local_ct, "conductor"),  # 403
+            rewrap(c, local_ct, "alchemist"),
+            rewrap(c, local_ct, "alchemist"),  # 429
+        ]
+        s.audit.fail = True
+        answers.append(rewrap(c, ev_ct))  # 503: rewrapped, but the audit line cannot be written
+        s.audit.fail = False
+        emulator.set_fault("decrypt", status=500)
+        answers.append(rewrap(c, ev_ct))  # 503, opens the breaker
+        answers.append(rewrap(c, ev_ct))  # 503 at once
+        emulator.clear_faults()
+        rotate_keyring(keyring)
+        change_keyring(keyring, lambda ring: ring.retire(old_kid))
+        wait_until(lambda: rewrap(c, local_ct).status_code == 400, timeout=10, interval=0.1)
+        answers.append(rewrap(c, local_ct))  # 400 key_retired
+        metrics = c.get("/metrics").text
+        audit = s.audit.text()
+    out, err = capfd.readouterr()
+    assert [r.status_code for r in answers] == [200, 403, 200, 429, 503, 503, 503, 400]
+    assert [r.json()["code"] for r in answers[4:]] == ["provider_unavailable"] * 3 + ["key_retired"]
+    forms = [canary, base64.b64encode(canary.encode()).decode()[:12], canary.encode().hex()]
+    haystacks = {
+        "responses": "\n".join(f"{r.headers}\n{r.text}" for r in answers),
+        "audit": audit,
+        "metrics": metrics,
+        "stdout": out,
+        "stderr": err,
+    }
+    for name, text in haystacks.items():
+        for form in forms:
+            assert form not in text, f"{form!r} in {name}"
