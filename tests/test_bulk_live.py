@@ -278,3 +278,31 @@ def test_killed_run_resumes_with_only_the_remaining_calls_and_a_rerun_makes_one(
     assert rerun[1:] == result[1:]  # passed through byte for byte
     check_rewrapped(s, result[0], rerun[0], 1)  # the one call: a fresh ciphertext, same key
     assert check.decrypt_sync(json.loads(rerun[0])["encrypted_data"]) == plaintext(1)
+
+
+def test_rate_limited_calls_are_retried_until_every_line_is_rewrapped(tmp_path: Path) -> None:
+    keyring = tmp_path / "keyring.json"
+    create_keyring(keyring, origin="operator")
+    under_k0 = LocalProvider(load_keyring(keyring))
+    active = rotate_keyring(keyring)
+    settings = make_settings(
+        tmp_path,
+        api_keys={**{c: [k] for c, k in KEYS.items()}, "migrator": [MIGRATOR_KEY]},
+        acl={"migrator": ["rewrap"]},
+        rate_limits={"migrator": "40/second"},
+    )
+    lines = [record(i, under_k0.encrypt_sync(plaintext(i))) for i in range(1, 201)]
+    src = tmp_path / "export.jsonl"
+    src.write_text("".join(line + "\n" for line in lines))
+    out = tmp_path / "rewrapped.jsonl"
+    with serve_citadel(settings) as served:
+        code, err = finish(tool(tmp_path, served.url, str(src), "--output", str(out)))
+        events = [e for e in served.audit.events() if e["operation"] == "rewrap"]
+    assert code == 0, err
+    assert sum(e["code"] == "rate_limited" for e in events) > 0  # it was held back, and waited
+    assert sum(e["code"] == "ok" for e in events) == len(lines)  # then every line got through
+    check = LocalProvider(load_keyring(keyring))
+    for i, line in enumerate(out.read_text().splitlines(), 1):
+        ct = json.loads(line)["encrypted_data"]
+        assert ct.startswith(f"cit1:{active}:")
+        assert check.decrypt_sync(ct) == plaintext(i)
