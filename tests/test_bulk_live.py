@@ -177,6 +177,8 @@ def test_10000_lines_are_rewrapped_in_order_with_bad_lines_rejected(
             assert by_request[r["request_id"]]["code"] == r["code"]
             assert by_request[r["request_id"]]["ct_fp"] == r["ct_fp"]
     assert f"{N - 8} rewrapped, 0 passed through, 8 rejected" in err
+    assert MIGRATOR_KEY not in err
+    assert plaintext(1) not in err + rejects_file.read_text()
     assert not (tmp_path / "rewrapped.jsonl.partial").exists()
 
 

@@ -437,3 +437,41 @@ def test_no_plaintext_canary_on_any_rewrap_path(
     for name, text in haystacks.items():
         for form in forms:
             assert form not in text, f"{form!r} in {name}"
+
+
+def test_rewrap_of_a_ciphertext_under_a_key_this_server_has_not_seen_yet(
+    local: tuple[Served, Path],
+) -> None:
+    """Another instance activated a key and encrypted under it: the unknown key id is re-read."""
+    from citadel.providers.local import LocalProvider
+
+    served, keyring = local
+    with served.client() as c:
+        encrypt(c)  # the server is up and serving under the first key
+        new_id = rotate_keyring(keyring)
+        other_instance = LocalProvider(load_keyring(keyring))
+        ct = other_instance.encrypt_sync(SECRET)  # at once, before any watcher poll
+        r = rewrap(c, ct)
+    assert r.status_code == 200, r.text
+    assert key_id(r.json()["encrypted_data"]) == new_id
+    assert other_instance.decrypt_sync(r.json()["encrypted_data"]) == SECRET
+
+
+def test_rewrap_requests_are_counted_by_operation_caller_and_code(
+    local: tuple[Served, Path],
+) -> None:
+    served, _ = local
+    with served.client() as c:
+        assert rewrap(c, encrypt(c)).status_code == 200
+        assert rewrap(c, "garbage").status_code == 400
+        assert rewrap(c, "garbage", "conductor").status_code == 403
+        metrics = c.get("/metrics").text
+    for code in ("ok", "invalid_ciphertext"):
+        assert (
+            f'citadel_requests_total{{caller="migrator",code="{code}",operation="rewrap"}} 1.0'
+            in metrics
+        )
+    assert (
+        'citadel_requests_total{caller="conductor",code="forbidden",operation="rewrap"} 1.0'
+        in metrics
+    )

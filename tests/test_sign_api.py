@@ -864,3 +864,22 @@ def test_evervault_sign_invalid_key_is_400_after_one_decrypt(
         reached = emulator.calls("decrypt") - before
     assert error_code(r) == (400, "invalid_key")
     assert reached == 1
+
+
+def test_sign_with_a_secret_under_a_retired_key_is_400_key_retired(tmp_path: Path) -> None:
+    from citadel.keyring import change_keyring, rotate_keyring
+
+    settings = make_settings(tmp_path, acl=ACL)
+    with serve_citadel(settings) as s, s.client() as c:
+        ct = encrypt(c, HMAC_SECRET)
+        old = ct.split(":")[1]
+        rotate_keyring(settings.local_keyring)
+        change_keyring(settings.local_keyring, lambda ring: ring.retire(old))
+        body = {"encrypted_data": ct, "algorithm": "hmac-sha256", "message": ORDER}
+        wait_until(
+            lambda: c.post("/sign", json=body, headers=headers("conductor")).status_code == 400,
+            timeout=10,
+            interval=0.1,
+        )
+        r = c.post("/sign", json=body, headers=headers("conductor"))
+    assert error_code(r) == (400, "key_retired")
