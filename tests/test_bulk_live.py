@@ -227,11 +227,28 @@ def settled(count: Any) -> int:
     raise AssertionError("the count did not settle")
 
 
+# Bad lines that never get a call, before and after where the run is killed (at 1,000 lines
+# or later): the rejects of the killed run are kept once, and a rerun makes a single call.
+CALLLESS_REJECTS = {
+    10: "invalid_line",
+    500: "missing_field",
+    9000: "invalid_line",
+    9500: "missing_field",
+}
+
+
 def test_killed_run_resumes_with_only_the_remaining_calls_and_a_rerun_makes_one(
     tmp_path: Path, site: tuple[Site, LocalProvider, LocalProvider]
 ) -> None:
     s, _, under_k1 = site
-    lines = [record(i, under_k1.encrypt_sync(plaintext(i))) for i in range(1, N + 1)]
+    lines = []
+    for i in range(1, N + 1):
+        if CALLLESS_REJECTS.get(i) == "invalid_line":
+            lines.append(f'{{"id": {i}, "encrypted_data": "cit1:')
+        elif CALLLESS_REJECTS.get(i) == "missing_field":
+            lines.append(json.dumps({"id": i, "account": f"acct-{i}"}))
+        else:
+            lines.append(record(i, under_k1.encrypt_sync(plaintext(i))))
     src = tmp_path / "export.jsonl"
     src.write_text("".join(line + "\n" for line in lines))
     out = tmp_path / "rewrapped.jsonl"
@@ -251,31 +268,37 @@ def test_killed_run_resumes_with_only_the_remaining_calls_and_a_rerun_makes_one(
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     kept = complete_lines(partial)
-    assert 1000 <= kept < N
+    assert 1000 <= kept < 9000
     calls_before = settled(s.rewrap_calls)
-    assert calls_before >= kept  # every kept line had its call
+    assert calls_before >= kept - 2  # every kept line with a ciphertext had its call
 
     code, err = finish(tool(tmp_path, s.served.url, str(src), "--output", str(out), "--resume"))
 
-    assert code == 0, err
+    assert code == 1, err  # finished, with the rejected lines
     resumed_calls = settled(s.rewrap_calls) - calls_before
-    assert resumed_calls == N - kept  # only what was left
+    assert resumed_calls == N - kept - 2  # only what was left (9000 and 9500 get no call)
     assert f"({kept} lines kept from the partial output)" in err
     result = out.read_text().splitlines()
     assert len(result) == N
     check = s.provider()
     for i, (before, after) in enumerate(zip(lines, result, strict=True), 1):
-        check_rewrapped(s, before, after, i)
-        assert check.decrypt_sync(json.loads(after)["encrypted_data"]) == plaintext(i), i
+        if i in CALLLESS_REJECTS:
+            assert after == before, i
+        else:
+            check_rewrapped(s, before, after, i)
+            assert check.decrypt_sync(json.loads(after)["encrypted_data"]) == plaintext(i), i
     assert not partial.exists()
+    rejects_file = tmp_path / "rewrapped.jsonl.rejects"
+    rejects = [json.loads(line) for line in rejects_file.read_text().splitlines()]
+    assert [(r["line"], r["code"]) for r in rejects] == sorted(CALLLESS_REJECTS.items())
 
-    # A rerun over the finished output: every line is already under the active key.
+    # A rerun over the finished output: every ciphertext is already under the active key.
     again = tmp_path / "again.jsonl"
     calls_before_rerun = settled(s.rewrap_calls)
     code, err = finish(tool(tmp_path, s.served.url, str(out), "--output", str(again)))
-    assert code == 0, err
+    assert code == 1, err  # the same four lines are rejected again
     assert settled(s.rewrap_calls) - calls_before_rerun == 1
-    assert f"1 rewrapped, {N - 1} passed through, 0 rejected" in err
+    assert f"1 rewrapped, {N - 5} passed through, 4 rejected" in err
     rerun = again.read_text().splitlines()
     assert rerun[1:] == result[1:]  # passed through byte for byte
     check_rewrapped(s, result[0], rerun[0], 1)  # the one call: a fresh ciphertext, same key
