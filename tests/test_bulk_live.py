@@ -10,6 +10,7 @@ real rejects. What the server did is read from its audit sink: one
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from support import KEYS, Served, make_settings, serve_citadel, wait_until
 
 from citadel.keyring import change_keyring, create_keyring, load_keyring, rotate_keyring
 from citadel.providers.local import LocalProvider
+from evervault_emulator import EvervaultEmulator
 
 pytestmark = pytest.mark.slow
 
@@ -331,3 +334,42 @@ def test_rate_limited_calls_are_retried_until_every_line_is_rewrapped(tmp_path: 
         ct = json.loads(line)["encrypted_data"]
         assert ct.startswith(f"cit1:{active}:")
         assert check.decrypt_sync(ct) == plaintext(i)
+
+
+def test_bulk_migration_from_local_to_evervault_decrypts_in_the_emulator(
+    tmp_path: Path, emulator: EvervaultEmulator
+) -> None:
+    keyring = tmp_path / "keyring.json"
+    create_keyring(keyring, origin="operator")
+    under_local = LocalProvider(load_keyring(keyring))
+    settings = make_settings(
+        tmp_path,
+        provider="evervault",
+        decrypt_providers_raw="local",
+        evervault_app_id=emulator.app_id,
+        evervault_api_key=emulator.api_key,
+        evervault_api_url=emulator.url,
+        api_keys={**{c: [k] for c, k in KEYS.items()}, "migrator": [MIGRATOR_KEY]},
+        acl={"migrator": ["rewrap"]},
+        rate_limits={"migrator": "1000000/minute"},
+    )
+    lines = [record(i, under_local.encrypt_sync(plaintext(i))) for i in range(1, 301)]
+    src = tmp_path / "export.jsonl"
+    src.write_text("".join(line + "\n" for line in lines))
+    out = tmp_path / "on-evervault.jsonl"
+    with serve_citadel(settings) as served, served.client() as c:
+        wait_until(lambda: c.get("/ready").status_code == 200, timeout=15)
+        code, err = finish(tool(tmp_path, served.url, str(src), "--output", str(out)))
+    assert code == 0, err
+    result = [json.loads(line) for line in out.read_text().splitlines()]
+    cts = [r["encrypted_data"] for r in result]
+    assert all(ct.startswith("ev:") for ct in cts)
+    assert [r["id"] for r in result] == list(range(1, 301))
+    auth = base64.b64encode(f"{emulator.app_id}:{emulator.api_key}".encode()).decode()
+    r = httpx.post(
+        emulator.url + "decrypt",
+        json={"data": cts},
+        headers={"Authorization": f"Basic {auth}"},
+        timeout=60,
+    )
+    assert r.json()["data"] == [plaintext(i) for i in range(1, 301)]
