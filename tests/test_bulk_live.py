@@ -373,3 +373,30 @@ def test_bulk_migration_from_local_to_evervault_decrypts_in_the_emulator(
         timeout=60,
     )
     assert r.json()["data"] == [plaintext(i) for i in range(1, 301)]
+
+
+def test_a_caller_without_the_rewrap_grant_aborts_with_exit_2_and_a_resumable_partial(
+    tmp_path: Path,
+) -> None:
+    keyring = tmp_path / "keyring.json"
+    create_keyring(keyring, origin="operator")
+    under_k0 = LocalProvider(load_keyring(keyring))
+    rotate_keyring(keyring)
+    settings = make_settings(
+        tmp_path,
+        api_keys={**{c: [k] for c, k in KEYS.items()}, "migrator": [MIGRATOR_KEY]},
+        acl={"migrator": ["decrypt"]},  # rewrap not granted
+    )
+    src = tmp_path / "export.jsonl"
+    src.write_text("".join(record(i, under_k0.encrypt_sync(plaintext(i))) + "\n" for i in (1, 2)))
+    out = tmp_path / "out.jsonl"
+    with serve_citadel(settings) as served:
+        code, err = finish(tool(tmp_path, served.url, str(src), "--output", str(out)))
+        events = [e for e in served.audit.events() if e["operation"] == "rewrap"]
+    assert code == 2, err
+    assert "grant it `rewrap` in CITADEL_ACL" in err
+    assert "--resume" in err
+    assert not out.exists()
+    assert (tmp_path / "out.jsonl.partial").exists()
+    assert [e["code"] for e in events] == ["forbidden"]  # one call, then it stopped
+    assert MIGRATOR_KEY not in err
