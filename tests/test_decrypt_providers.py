@@ -280,3 +280,32 @@ def test_unknown_decrypt_provider_stops_start_up_naming_the_setting(tmp_path: Pa
     assert "CITADEL_DECRYPT_PROVIDERS" in result.stderr + result.stdout
     assert "vault-secret-XYZ" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_evervault_in_decrypt_providers_requires_the_evervault_settings(tmp_path: Path) -> None:
+    result = run(
+        ["serve", "--port", str(free_port())],
+        tmp_path,
+        CITADEL_DECRYPT_PROVIDERS="local,evervault",
+    )
+    assert result.returncode == 2
+    assert "EVERVAULT_APP_ID" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_local_decrypt_only_process_without_a_keyring_stops_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    result = run(
+        ["serve", "--port", str(free_port())],
+        tmp_path,
+        CITADEL_PROVIDER="evervault",
+        CITADEL_DECRYPT_PROVIDERS="local",
+        EVERVAULT_APP_ID="app_0123456789ab",
+        EVERVAULT_API_KEY="ev:key:1:CANARY-EV-KEY-77",
+        CITADEL_LOCAL_KEYRING=str(tmp_path / "keyring.json"),
+    )
+    assert result.returncode == 2
+    assert "CITADEL_LOCAL_KEYRING" in result.stderr
+    assert "CANARY-EV-KEY-77" not in result.stdout + result.stderr
+    assert not (tmp_path / "keyring.json").exists()
