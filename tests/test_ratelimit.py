@@ -223,3 +223,165 @@ def test_a_stalled_redis_does_not_stall_health(tmp_path: Path, redis_server: Red
         t.join(5)
         proxy.open.set()
     assert result["status"] == 200  # the stalled call fell back to local limits
+
+
+# -- CITADEL_RATE_LIMITS: per-caller overrides ------------------------------------------
+
+MIGRATOR_KEY = "migrator-key-" + "f" * 40
+WITH_MIGRATOR = {
+    "api_keys": {
+        **{
+            caller: [headers(caller)["X-Internal-API-Key"]]
+            for caller in ("sentinel", "conductor", "api-gateway", "alchemist")
+        },
+        "migrator": [MIGRATOR_KEY],
+    },
+    "acl": {**BOTH, "migrator": ["encrypt", "rewrap"]},
+}
+
+
+def enc_migrator(c: httpx.Client, **hdrs: str) -> httpx.Response:
+    extra = {k.replace("_", "-"): v for k, v in hdrs.items()}
+    return c.post(
+        "/encrypt", json={"plaintext": "x"}, headers={"X-Internal-API-Key": MIGRATOR_KEY, **extra}
+    )
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_migration_caller_with_its_own_limit_keeps_going_while_sentinel_is_limited(
+    limited: Any, storage: str, request: pytest.FixtureRequest
+) -> None:
+    uri = request.getfixturevalue("redis_server").url if storage == "redis" else "memory://"
+    with (
+        limited(
+            rate_limit_per_caller="3/minute",
+            rate_limits={"migrator": "1000/minute"},
+            rate_limit_storage_uri=uri,
+            **WITH_MIGRATOR,
+        ) as s,
+        s.client() as c,
+    ):
+        sentinel, migrator = [], []
+        for _ in range(5):
+            sentinel.append(enc(c))
+            migrator += [enc_migrator(c) for _ in range(10)]
+        metrics = c.get("/metrics").text
+    assert codes(sentinel) == [200, 200, 200, 429, 429]
+    assert codes(migrator) == [200] * 50
+    assert sentinel[3].headers["x-ratelimit-limit"] == "3"
+    assert 'citadel_rate_limited_total{scope="caller"} 2.0' in metrics
+
+
+@pytest.mark.parametrize("storage", ["memory", "redis"])
+def test_a_callers_own_limit_is_enforced_at_exactly_its_count(
+    limited: Any, storage: str, request: pytest.FixtureRequest
+) -> None:
+    uri = request.getfixturevalue("redis_server").url if storage == "redis" else "memory://"
+    with (
+        limited(
+            rate_limit_per_caller="1000/minute",
+            rate_limits={"migrator": "5/minute"},
+            rate_limit_storage_uri=uri,
+            **WITH_MIGRATOR,
+        ) as s,
+        s.client() as c,
+    ):
+        migrator = [enc_migrator(c) for _ in range(6)]
+        sentinel = [enc(c) for _ in range(6)]
+    assert codes(migrator) == [200] * 5 + [429]
+    assert migrator[-1].headers["x-ratelimit-limit"] == "5"
+    assert codes(sentinel) == [200] * 6  # the default applies to everyone else
+
+
+def test_override_replaces_the_default_also_when_lower(limited: Any) -> None:
+    with (
+        limited(rate_limit_per_caller="100/minute", rate_limits={"conductor": "1/minute"}) as s,
+        s.client() as c,
+    ):
+        assert codes([enc(c, "conductor") for _ in range(2)]) == [200, 429]
+        assert codes([enc(c) for _ in range(3)]) == [200, 200, 200]
+
+
+def test_override_counts_every_operation_of_the_caller_together(limited: Any) -> None:
+    with (
+        limited(rate_limits={"migrator": "3/minute"}, **WITH_MIGRATOR) as s,
+        s.client() as c,
+    ):
+        ct = enc_migrator(c).json()["encrypted_data"]
+        rewrapped = c.post(
+            "/rewrap", json={"encrypted_data": ct}, headers={"X-Internal-API-Key": MIGRATOR_KEY}
+        )
+        third = enc_migrator(c)
+        fourth = c.post(
+            "/rewrap", json={"encrypted_data": ct}, headers={"X-Internal-API-Key": MIGRATOR_KEY}
+        )
+    assert codes([rewrapped, third, fourth]) == [200, 200, 429]
+
+
+def test_override_leaves_the_per_user_limit_in_force(limited: Any) -> None:
+    with (
+        limited(
+            rate_limit_per_user="2/minute", rate_limits={"migrator": "1000/minute"}, **WITH_MIGRATOR
+        ) as s,
+        s.client() as c,
+    ):
+        results = [enc_migrator(c, X_User_ID="alice") for _ in range(3)]
+        no_user = enc_migrator(c)
+    assert codes(results) == [200, 200, 429]
+    assert results[-1].json()["code"] == "rate_limited"
+    assert no_user.status_code == 200
+
+
+def test_two_instances_on_one_redis_share_a_callers_own_budget(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        rate_limit_per_caller="1/minute",
+        rate_limits={"migrator": "4/minute"},
+        rate_limit_storage_uri=redis_server.url,
+        **WITH_MIGRATOR,
+    )
+    with (
+        serve_citadel(settings) as a,
+        serve_citadel(settings) as b,
+        a.client() as ca,
+        b.client() as cb,
+    ):
+        results = [enc_migrator(client) for _ in range(3) for client in (ca, cb)]
+    assert codes(results) == [200, 200, 200, 200, 429, 429]
+
+
+def test_citadel_rate_limits_from_the_environment_of_a_real_process(tmp_path: Path) -> None:
+    import json
+
+    from support import serving
+
+    env = {
+        "CITADEL_API_KEYS": json.dumps(WITH_MIGRATOR["api_keys"]),
+        "CITADEL_ACL": json.dumps({"sentinel": ["encrypt"], "migrator": ["encrypt"]}),
+        "CITADEL_RATE_LIMIT_PER_CALLER": "2/minute",
+        "CITADEL_RATE_LIMITS": json.dumps({"migrator": "50/minute"}),
+    }
+    with serving(tmp_path, **env) as (url, _proc), httpx.Client(base_url=url) as c:
+        sentinel = [enc(c) for _ in range(3)]
+        migrator = [enc_migrator(c) for _ in range(10)]
+    assert codes(sentinel) == [200, 200, 429]
+    assert codes(migrator) == [200] * 10
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['{"migrator": "lots-SECRETISH/minute"}', '["migrator"]', '{"": "5/minute"}', "not json"],
+)
+def test_bad_citadel_rate_limits_stops_start_up_naming_the_setting(
+    tmp_path: Path, value: str
+) -> None:
+    from support import free_port, run
+
+    result = run(["serve", "--port", str(free_port())], tmp_path, CITADEL_RATE_LIMITS=value)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "CITADEL_RATE_LIMITS" in output
+    assert "SECRETISH" not in output
+    assert "Traceback" not in output
