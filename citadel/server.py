@@ -81,6 +81,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._head_bytes += len(data)
         super().data_received(data)
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # After the head, the parser reports a chunked body's trailer fields here.
+        # They are not headers (RFC 9110 6.5): merged into the request's headers,
+        # a key or user id sent after the body would pass any proxy that checks
+        # the headers. They are dropped.
+        if self._head_bytes is not None:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._head_bytes = None
         self._cancel_head_timer()
