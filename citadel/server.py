@@ -64,21 +64,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        if self._head_bytes is not None:
+        while self._head_bytes is not None:
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
             room = MAX_HEADER_BYTES - self._head_bytes
-            if len(data) > room:
-                # Feed only what fits: if the head ends inside it, the rest is body.
-                super().data_received(data[:room])
-                if self._head_bytes is not None:
-                    self._refuse(_TOO_LARGE)
-                    return
-                data = data[room:]
-                if self.transport.is_closing():
-                    return
-            else:
+            if len(data) <= room:
                 self._head_bytes += len(data)
+                break
+            if room <= 0:
+                self._refuse(_TOO_LARGE)
+                return
+            # Feed only what fits. If the head ends inside it, the rest is body
+            # (or, pipelined, the next request, whose head is counted afresh).
+            self._head_bytes = MAX_HEADER_BYTES
+            super().data_received(data[:room])
+            if self.transport.is_closing():
+                return
+            if self._head_bytes == MAX_HEADER_BYTES:  # the same head, and more of it
+                self._refuse(_TOO_LARGE)
+                return
+            data = data[room:]
         super().data_received(data)
 
     def on_header(self, name: bytes, value: bytes) -> None:
