@@ -481,6 +481,13 @@ def test_headers_never_completed_are_answered_408_or_closed_after_the_deadline(
     assert health_answers(served)
 
 
+def test_a_connection_that_sends_nothing_is_closed_after_the_deadline(served: Served) -> None:
+    """Idle connections that never send a byte would otherwise pile up (file descriptors)."""
+    raw = exchange(served, b"")
+    assert raw == b"" or assert_contract_error(raw, 408, "request_timeout")
+    assert health_answers(served)
+
+
 def test_a_slow_but_steady_head_is_not_cut_while_it_stays_within_the_deadline(
     served: Served,
 ) -> None:
