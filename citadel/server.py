@@ -5,8 +5,10 @@ as long as the client likes to send them; its parser's cost grows
 quadratically with a header sent in many pieces, so one client sending an
 80 MB header stalled every other request. :class:`GuardedHttpToolsProtocol`
 refuses a request whose headers pass 64 KiB with 431, counted as the bytes
-arrive and before the parser sees them, and closes a connection whose
-headers do not complete within ``CITADEL_READ_TIMEOUT_S``. Bodies are timed
+arrive and before the parser sees them (a chunked body's framing and
+trailers too), and closes a connection whose headers do not complete within
+``CITADEL_READ_TIMEOUT_S`` (counted from the connection for its first
+request, so that a connection sending nothing is not held either). Bodies are timed
 by the request path (:mod:`citadel.middleware`), which can audit the 408.
 
 uvicorn's own ``X-Forwarded-For`` handling is off: it trusts 127.0.0.1 by
@@ -69,6 +71,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._overhead = 0
         self._overhead_room = MAX_HEADER_BYTES
         self._messages = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # The deadline of the first head runs from the connection, not its first
+        # byte: a connection that never sends one must not be held forever.
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
 
     def data_received(self, data: bytes) -> None:
         if self._head_bytes is None:
