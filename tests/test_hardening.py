@@ -938,6 +938,18 @@ def test_a_query_string_does_not_change_the_operation(served: Served) -> None:
     assert codes(served) == ["ok"]
 
 
+@pytest.mark.parametrize("target", [b"/%64ecrypt", b"/decryp%74", b"/%64%65%63%72%79%70%74"])
+def test_a_percent_encoded_operation_path_is_still_authenticated_and_audited(
+    served: Served, target: bytes
+) -> None:
+    """The path is decoded before routing: an encoded /decrypt is /decrypt, never unguarded."""
+    raw = exchange(served, raw_request(b"POST", target, b'{"encrypted_data": "x"}', key=None))
+    assert_contract_error(raw, 401, "unauthenticated")
+    assert [(e["operation"], e["code"]) for e in served.audit.events()] == [
+        ("decrypt", "unauthenticated")
+    ]
+
+
 def test_http_1_0_requests_are_served_and_audited(served: Served) -> None:
     raw = exchange(served, raw_request(b"POST", b"/encrypt").replace(b"HTTP/1.1", b"HTTP/1.0", 1))
     assert parse(raw)[0] == 200
