@@ -211,6 +211,11 @@ NonEmpty = Annotated[str, Field(min_length=1)]
 _KEY_ENCODINGS: list[Any] = sorted({e for encs in signing.ALGORITHMS.values() for e in encs})
 
 
+def _key_encoding_schema(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+    schema["enum"] = _KEY_ENCODINGS
+
+
 class EncryptRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     plaintext: NonEmpty
@@ -229,10 +234,12 @@ class SignRequest(BaseModel):
     message_encoding: str = Field(
         "utf-8", json_schema_extra={"enum": list(signing.MESSAGE_ENCODINGS)}
     )
-    key_encoding: str | None = Field(
-        None,
+    # Optional but never null: the server refuses null (422), so the document
+    # must not offer it, nor a null default.
+    key_encoding: str = Field(
+        "",  # the model only describes the body; the default depends on the algorithm
         description="Default: the first encoding the algorithm takes.",
-        json_schema_extra={"enum": _KEY_ENCODINGS},
+        json_schema_extra=_key_encoding_schema,
     )
     signature_encoding: str = Field(
         "hex", json_schema_extra={"enum": list(signing.SIGNATURE_ENCODINGS)}

@@ -131,6 +131,15 @@ def fingerprint(ciphertext: str) -> str:
     return hashlib.sha256(ciphertext.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+# The contract's 503 always carries Retry-After; a sink recovers when its reader
+# does, so the caller is told to try again soon.
+AUDIT_RETRY_AFTER_S = 1
+
+
+def _unavailable() -> AuditUnavailable:
+    return AuditUnavailable(retry_after=AUDIT_RETRY_AFTER_S)
+
+
 class FdSink:
     """A file descriptor (standard output) written without ever blocking the event loop.
 
@@ -211,14 +220,14 @@ class FdSink:
                             return
                         to_write = b""  # handed over; only the pending tail remains
                     elif self._broken or self._stalled:
-                        raise AuditUnavailable()
+                        raise _unavailable()
                 except OSError:
                     self._broken = True
-                    raise AuditUnavailable() from None
+                    raise _unavailable() from None
             left = deadline - loop.time()
             if left <= 0 or not await self._wait_for_room(loop, left):
                 self._stalled = True
-                raise AuditUnavailable()
+                raise _unavailable()
 
     async def _wait_for_room(self, loop: asyncio.AbstractEventLoop, seconds: float) -> bool:
         waiter: asyncio.Future[None] = loop.create_future()
@@ -277,7 +286,7 @@ class StreamSink:
             self._put(data)
         except (OSError, ValueError):
             self._ok = False
-            raise AuditUnavailable() from None
+            raise _unavailable() from None
         self._ok = True
 
     def _put(self, data: bytes) -> None:

@@ -210,6 +210,7 @@ class CitadelMiddleware:
         )
         status = 200
         extra_headers: list[tuple[bytes, bytes]] = []
+        body_read = False
         try:
             caller = None if repeated_key else self.auth.caller_for(_strip(api_key))
             if caller is None:
@@ -233,13 +234,17 @@ class CitadelMiddleware:
             if length is not None:
                 _check_length(length, limit)
             body = await self.deadlines.read(receive, limit)
+            body_read = True
             payload = await self.handlers[operation](ctx, body)
             ctx.code = "ok"
         except CitadelError as err:
             ctx.code = err.code
             status, payload, extra_headers = error_parts(err)
-            if isinstance(err, RequestTimeout | _ClientGone | PayloadTooLarge):
-                # The rest of the body may still be on its way: do not read it as a request.
+            if not body_read:
+                # Answered before the body was read (401, 429, 405, 413, 408): the
+                # rest of it may still be on its way, and the server closes the
+                # connection rather than read it as a request. Say so, or a
+                # keep-alive client sends its next request into a closed socket.
                 extra_headers.append((b"connection", b"close"))
         except Exception as exc:
             # A bug, never bad input: the type and the frames, never the message

@@ -5,8 +5,10 @@ as long as the client likes to send them; its parser's cost grows
 quadratically with a header sent in many pieces, so one client sending an
 80 MB header stalled every other request. :class:`GuardedHttpToolsProtocol`
 refuses a request whose headers pass 64 KiB with 431, counted as the bytes
-arrive and before the parser sees them, and closes a connection whose
-headers do not complete within ``CITADEL_READ_TIMEOUT_S``. Bodies are timed
+arrive and before the parser sees them (a chunked body's framing and
+trailers too), and closes a connection whose headers do not complete within
+``CITADEL_READ_TIMEOUT_S`` (counted from the connection for its first
+request, so that a connection sending nothing is not held either). Bodies are timed
 by the request path (:mod:`citadel.middleware`), which can audit the 408.
 
 uvicorn's own ``X-Forwarded-For`` handling is off: it trusts 127.0.0.1 by
@@ -24,6 +26,8 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADER_BYTES = 64 * 1024
+# A chunk's size line and the CRLF after its data, as an honest client sends them.
+CHUNK_LINE_BYTES = 32
 
 
 def _refusal(status: int, reason: bytes, code: str, detail: str) -> bytes:
@@ -62,32 +66,83 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Bytes of the current request's head seen so far; None while its body is read.
         self._head_bytes: int | None = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        # While a body is read: bytes received that were not body (chunk framing,
+        # extensions, trailers), against what is allowed; messages completed so far.
+        self._overhead = 0
+        self._overhead_room = MAX_HEADER_BYTES
+        self._messages = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # The deadline of the first head runs from the connection, not its first
+        # byte: a connection that never sends one must not be held forever.
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_bytes is not None:
+        if self._head_bytes is None:
+            self._body_received(data)
+            return
+        while self._head_bytes is not None:
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
             room = MAX_HEADER_BYTES - self._head_bytes
-            if len(data) > room:
-                # Feed only what fits: if the head ends inside it, the rest is body.
-                super().data_received(data[:room])
-                if self._head_bytes is not None:
-                    self._refuse(_TOO_LARGE)
-                    return
-                data = data[room:]
-                if self.transport.is_closing():
-                    return
-            else:
+            if len(data) <= room:
                 self._head_bytes += len(data)
+                break
+            if room <= 0:
+                self._refuse(_TOO_LARGE)
+                return
+            # Feed only what fits. If the head ends inside it, the rest is body
+            # (or, pipelined, the next request, whose head is counted afresh).
+            self._head_bytes = MAX_HEADER_BYTES
+            super().data_received(data[:room])
+            if self.transport.is_closing():
+                return
+            if self._head_bytes == MAX_HEADER_BYTES:  # the same head, and more of it
+                self._refuse(_TOO_LARGE)
+                return
+            data = data[room:]
         super().data_received(data)
+
+    def _body_received(self, data: bytes) -> None:
+        """Feed body bytes; refuse a chunked body whose framing and trailers pass 64 KiB.
+
+        Trailers are parsed like header fields (a long one in many pieces costs
+        the parser quadratic time), so they count against the same limit, with
+        chunk size lines and extensions; each chunk is allowed its size line.
+        """
+        messages = self._messages
+        super().data_received(data)
+        if self._head_bytes is None and self._messages == messages:  # still this body
+            self._overhead = max(0, self._overhead + len(data))
+            if self._overhead > self._overhead_room and not self.transport.is_closing():
+                self._refuse(_TOO_LARGE)
+
+    def on_body(self, body: bytes) -> None:
+        self._overhead -= len(body)
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._overhead_room += CHUNK_LINE_BYTES
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # After the head, the parser reports a chunked body's trailer fields here.
+        # They are not headers (RFC 9110 6.5): merged into the request's headers,
+        # a key or user id sent after the body would pass any proxy that checks
+        # the headers. They are dropped.
+        if self._head_bytes is not None:
+            super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
+        self._overhead = 0
+        self._overhead_room = MAX_HEADER_BYTES
         self._cancel_head_timer()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._messages += 1
         self._head_bytes = 0  # the next bytes on this connection start a new request
 
     def on_response_complete(self) -> None:
