@@ -243,12 +243,19 @@ def test_rotations_under_cross_traffic_never_fail_a_decrypt(tmp_path: Path) -> N
         assert tally.ok > 0
         assert len(activated) >= 3
         assert set(activated) <= tally.kids
-        # One more round trip each way, after the load: both instances use the last key.
+        # One more round trip each way, after the load: both instances take up the
+        # last key (within the 2 s reload), and each decrypts the other's ciphertext.
         with httpx.Client(timeout=30) as client:
             for maker, reader in ((a, b), (b, a)):
-                r = client.post(maker.url + "/encrypt", json={"plaintext": "x"}, headers=SENTINEL)
-                assert kid(r.json()["encrypted_data"]) == activated[-1]
-                assert plaintext(reader.decrypt(r.json()["encrypted_data"], client)) == "x"
+                made: list[str] = []
+
+                def under_last_key(m: Instance = maker) -> bool:
+                    r = client.post(m.url + "/encrypt", json={"plaintext": "x"}, headers=SENTINEL)
+                    made.append(r.json()["encrypted_data"])
+                    return kid(made[-1]) == activated[-1]
+
+                wait_until(under_last_key, timeout=10)
+                assert plaintext(reader.decrypt(made[-1], client)) == "x"
         for instance in (a, b):
             metrics = httpx.get(instance.url + "/metrics").text
             assert f'citadel_keyring_decrypts_total{{key_id="{activated[-1]}"}}' in metrics
