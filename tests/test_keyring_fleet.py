@@ -249,7 +249,7 @@ def test_rotations_under_cross_traffic_never_fail_a_decrypt(tmp_path: Path) -> N
             for maker, reader in ((a, b), (b, a)):
                 made: list[str] = []
 
-                def under_last_key(m: Instance = maker) -> bool:
+                def under_last_key(m: Instance = maker, made: list[str] = made) -> bool:
                     r = client.post(m.url + "/encrypt", json={"plaintext": "x"}, headers=SENTINEL)
                     made.append(r.json()["encrypted_data"])
                     return kid(made[-1]) == activated[-1]
