@@ -145,3 +145,23 @@ async def test_a_closed_port_is_a_connect_error() -> None:
         await transport.handle_async_request(
             httpx.Request("POST", f"http://127.0.0.1:{port}/rewrap", content=b"{}")
         )
+
+
+@pytest.mark.anyio
+async def test_the_client_never_replays_a_cookie_set_by_an_answer() -> None:
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(
+            200,
+            json={"encrypted_data": "cit1:00000000:x"},
+            headers={"set-cookie": "session=CANARY-COOKIE; Path=/"},
+        )
+
+    async with AsyncCitadelClient(
+        "http://citadel.test", "k" * 20, transport=httpx.MockTransport(answer)
+    ) as c:
+        await c.rewrap("cit1:00000000:a")
+        await c.rewrap("cit1:00000000:b")
+    assert [r.headers.get("cookie") for r in sent] == [None, None]

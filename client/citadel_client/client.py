@@ -261,6 +261,17 @@ def _default_headers(api_key: str) -> dict[str, str]:
     return {"X-Internal-API-Key": api_key, "Content-Type": "application/json"}
 
 
+def _keep_no_cookies(http: httpx.Client | httpx.AsyncClient) -> None:
+    """Never store or replay cookies: Citadel sets none, and one set by something in
+    between (a proxy) must not ride along on later calls. It also saves httpx's
+    per-response cookie parsing, a large share of a call's CPU for a bulk job."""
+    setattr(http.cookies, "extract_cookies", _ignore_cookies)  # noqa: B010
+
+
+def _ignore_cookies(_response: httpx.Response) -> None:
+    return None
+
+
 def _check_user_id(user_id: str) -> None:
     if not _USER_ID.fullmatch(user_id):
         raise InvalidRequest("user_id must be 1 to 128 of A-Za-z0-9_.:@-.")
@@ -371,6 +382,7 @@ class CitadelClient(_Base):
             timeout=self._timeout,
             transport=transport,
         )
+        _keep_no_cookies(self._http)
 
     def encrypt(
         self, plaintext: str, *, user_id: str | None = None, request_id: str | None = None
@@ -496,6 +508,7 @@ class AsyncCitadelClient(_Base):
             timeout=self._timeout,
             transport=transport,
         )
+        _keep_no_cookies(self._http)
 
     async def encrypt(
         self, plaintext: str, *, user_id: str | None = None, request_id: str | None = None
