@@ -306,7 +306,7 @@ def run_local(
 
 def bulk_rewrap(url: str, ct: str, work: Path, args: argparse.Namespace) -> tuple[int, float]:
     """Lines per second of `citadel rewrap` over a JSON-lines export against the same server."""
-    lines = max(2000, int(args.duration * 600))
+    lines = max(2000, int(args.duration * 2000))
     src, out = work / "export.jsonl", work / "rewrapped.jsonl"
     with open(src, "w") as f:
         for i in range(lines):
