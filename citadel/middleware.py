@@ -42,6 +42,7 @@ from citadel.errors import (
 from citadel.http_errors import MethodNotAllowed, error_parts
 from citadel.metrics import Metrics
 from citadel.security import Authenticator
+from citadel.server import REFUSED
 
 if TYPE_CHECKING:
     from citadel.config import Network
@@ -238,7 +239,8 @@ class CitadelMiddleware:
             payload = await self.handlers[operation](ctx, body)
             ctx.code = "ok"
         except CitadelError as err:
-            ctx.code = err.code
+            # A body the HTTP parser refused mid-way: the client got the parser's answer.
+            ctx.code = scope.get(REFUSED, err.code) if isinstance(err, _ClientGone) else err.code
             status, payload, extra_headers = error_parts(err)
             if not body_read:
                 # Answered before the body was read (401, 429, 405, 413, 408): the

@@ -30,9 +30,14 @@ MAX_HEADER_BYTES = 64 * 1024
 CHUNK_LINE_BYTES = 32
 
 
-def _refusal(status: int, reason: bytes, code: str, detail: str) -> bytes:
+# Set in a request's scope when the protocol answers it itself while the app
+# is still reading its body, so the audit line names the code the client got.
+REFUSED = "citadel.refused"
+
+
+def _refusal(status: int, reason: bytes, code: str, detail: str) -> tuple[str, bytes]:
     body = orjson.dumps({"detail": detail, "code": code})
-    return b"".join(
+    return code, b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
             b"content-type: application/json\r\n",
@@ -171,9 +176,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, response: bytes) -> None:
+    def _refuse(self, refusal: tuple[str, bytes]) -> None:
         self._cancel_head_timer()
         if not self.transport.is_closing():
+            code, response = refusal
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.scope[REFUSED] = code  # type: ignore[literal-required]
             self.transport.write(response)
             self.transport.close()
 
