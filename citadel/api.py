@@ -2,7 +2,8 @@
 
 The operations (``/encrypt``, ``/decrypt``, ``/sign``, ``/rewrap``) are
 called by the request path (:mod:`citadel.middleware`) with the raw body,
-already authenticated, rate-limited and read within its size and time limits.
+already authenticated, rate-limited, authorised by the ACL and read within
+its size and time limits.
 Their bodies are parsed here, not by FastAPI, for three reasons:
 
 - The contract's body rules: UTF-8 JSON only (Python's ``json`` would also
@@ -130,22 +131,19 @@ class Operations:
 
     async def encrypt(self, ctx: RequestContext, raw: bytes) -> bytes:
         plaintext = _text(parse_body(raw, self._ENCRYPT), "plaintext")
-        assert ctx.caller is not None  # the request path answered 401 otherwise
-        ciphertext = await self.vault.encrypt(ctx.caller, plaintext)
+        ciphertext = await self.vault.encrypt(plaintext)
         ctx.ct_fp = fingerprint(ciphertext)
         return orjson.dumps({"encrypted_data": ciphertext})
 
     async def decrypt(self, ctx: RequestContext, raw: bytes) -> bytes:
         ciphertext = _text(parse_body(raw, self._CIPHERTEXT), "encrypted_data")
-        assert ctx.caller is not None
         ctx.ct_fp = fingerprint(ciphertext)
-        return orjson.dumps({"plaintext": await self.vault.decrypt(ctx.caller, ciphertext)})
+        return orjson.dumps({"plaintext": await self.vault.decrypt(ciphertext)})
 
     async def rewrap(self, ctx: RequestContext, raw: bytes) -> bytes:
         ciphertext = _text(parse_body(raw, self._CIPHERTEXT), "encrypted_data")
-        assert ctx.caller is not None
         ctx.ct_fp = fingerprint(ciphertext)
-        new = await self.vault.rewrap(ctx.caller, ciphertext)
+        new = await self.vault.rewrap(ciphertext)
         ctx.extra = {"ct_fp_new": fingerprint(new)}
         return orjson.dumps({"encrypted_data": new})
 
@@ -172,9 +170,7 @@ class Operations:
             raise InvalidRequest("The field message must not decode to nothing.")
         ctx.ct_fp = fingerprint(ciphertext)
         ctx.extra = {"algorithm": algorithm, "msg_fp": _short_hash(message)}
-        assert ctx.caller is not None
         signature = await self.vault.sign(
-            ctx.caller,
             ciphertext,
             algorithm=algorithm,
             message=message,

@@ -117,7 +117,7 @@ def create_app(
     app.state.settings = settings
     install_error_handlers(app)
     add_status_routes(app, status)
-    vault = Vault(encryptor, decryptors, authenticator, settings.max_plaintext_bytes)
+    vault = Vault(encryptor, decryptors, settings.max_plaintext_bytes)
     app.add_middleware(
         CitadelMiddleware,
         authenticator=authenticator,

@@ -3,7 +3,7 @@
 For ``/encrypt``, ``/decrypt``, ``/sign`` and ``/rewrap`` this plain ASGI
 layer does everything, in order: take or make the request id, authenticate
 the caller from ``X-Internal-API-Key`` (401 whatever the body), check
-``X-User-ID``, apply the rate limits, read the body within its size limit
+``X-User-ID``, apply the rate limits, check the ACL (403), read the body within its size limit
 (413) and ``CITADEL_READ_TIMEOUT_S`` (408), call the operation's handler,
 then write the audit event and the metrics and send the response, or 503 if
 the audit line cannot be written. Every other path goes on to FastAPI
@@ -34,6 +34,7 @@ from citadel.audit import AuditLog, Pseudonymizer, safe_exception_text
 from citadel.errors import (
     AuditUnavailable,
     CitadelError,
+    Forbidden,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
@@ -229,6 +230,10 @@ class CitadelMiddleware:
             if self.limiter is not None:
                 # Budgets are keyed by the pseudonym: no raw user id reaches Redis.
                 await self.limiter.hit_caller(caller, ctx.user_pseudonym)
+            # Before the body is read: a caller without the operation learns
+            # nothing about how a body would have been handled.
+            if not self.auth.allowed(caller, operation):
+                raise Forbidden()
             if scope["method"] != "POST":
                 raise MethodNotAllowed()
             limit = self.body_limits[operation]

@@ -12,9 +12,8 @@ import asyncio
 from collections.abc import Sequence
 
 from citadel import signing
-from citadel.errors import Forbidden, InvalidCiphertext, InvalidRequest, PayloadTooLarge
+from citadel.errors import InvalidCiphertext, InvalidRequest, PayloadTooLarge
 from citadel.providers.base import Provider
-from citadel.security import Authenticator
 
 # Signing with these takes long enough (RSA: about a millisecond) that it
 # runs in a worker thread instead of holding the event loop.
@@ -22,24 +21,19 @@ _SLOW_ALGORITHMS = frozenset({"rsa-pkcs1v15-sha256"})
 
 
 class Vault:
-    """Checks the ACL and the size limit, then asks the provider that owns the data."""
+    """Checks the size limit, then asks the provider that owns the data.
+
+    Who may call which operation is decided before: the request path checks the
+    ACL before it reads a body (see :mod:`citadel.middleware`).
+    """
 
     def __init__(
-        self,
-        encryptor: Provider,
-        decryptors: Sequence[Provider],
-        authenticator: Authenticator,
-        max_plaintext_bytes: int,
+        self, encryptor: Provider, decryptors: Sequence[Provider], max_plaintext_bytes: int
     ) -> None:
         self.provider = encryptor
         self.decryptors = tuple(decryptors)
         self._routes = tuple((p.prefix, p) for p in self.decryptors)
-        self._auth = authenticator
         self._max = max_plaintext_bytes
-
-    def authorize(self, caller: str, operation: str) -> None:
-        if not self._auth.allowed(caller, operation):
-            raise Forbidden()
 
     def owner(self, ciphertext: str) -> Provider:
         """The decrypting provider whose prefix the ciphertext carries."""
@@ -48,8 +42,7 @@ class Vault:
                 return provider
         raise InvalidCiphertext()
 
-    async def encrypt(self, caller: str, plaintext: str) -> str:
-        self.authorize(caller, "encrypt")
+    async def encrypt(self, plaintext: str) -> str:
         try:
             size = len(plaintext.encode())
         except UnicodeEncodeError:
@@ -59,19 +52,16 @@ class Vault:
             raise PayloadTooLarge(f"The plaintext is over {self._max} UTF-8 bytes.")
         return await self.provider.encrypt(plaintext)
 
-    async def decrypt(self, caller: str, ciphertext: str) -> str:
-        self.authorize(caller, "decrypt")
+    async def decrypt(self, ciphertext: str) -> str:
         return await self.owner(ciphertext).decrypt(ciphertext)
 
-    async def rewrap(self, caller: str, ciphertext: str) -> str:
+    async def rewrap(self, ciphertext: str) -> str:
         """The same plaintext, encrypted again by the encrypting provider under its active key."""
-        self.authorize(caller, "rewrap")
         plaintext = await self.owner(ciphertext).decrypt(ciphertext)
         return await self.provider.encrypt(plaintext)
 
     async def sign(
         self,
-        caller: str,
         ciphertext: str,
         *,
         algorithm: str,
@@ -80,7 +70,6 @@ class Vault:
         signature_encoding: str,
     ) -> str:
         """Sign ``message`` with the secret inside ``ciphertext``; only the signature leaves."""
-        self.authorize(caller, "sign")
         secret = await self.owner(ciphertext).decrypt(ciphertext)
         if algorithm in _SLOW_ALGORITHMS:
             signature: str = await asyncio.to_thread(

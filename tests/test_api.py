@@ -294,3 +294,24 @@ def test_docs_are_served_in_development(citadel: Served) -> None:
     with citadel.client() as c:
         assert c.get("/docs").status_code == 200
         assert "/encrypt" in c.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize("path", ["/decrypt", "/sign", "/rewrap"])
+@pytest.mark.parametrize(
+    "body", [b"{", b'{"unknown": 1}', b'{"encrypted_data": "x", "encrypted_data": "y"}']
+)
+def test_a_caller_without_the_operation_gets_403_before_its_body_is_judged(
+    citadel: Served, path: str, body: bytes
+) -> None:
+    """The ACL comes before the body: no probing of validation without the grant."""
+    with citadel.client() as c:
+        r = c.post(path, content=body, headers=headers("sentinel"))
+    assert (r.status_code, r.json()["code"]) == (403, "forbidden")
+
+
+def test_a_caller_without_the_operation_gets_403_even_for_an_oversized_body(
+    citadel: Served,
+) -> None:
+    with citadel.client() as c:
+        r = c.post("/decrypt", content=b"x" * 1_000_000, headers=headers("sentinel"))
+    assert (r.status_code, r.json()["code"]) == (403, "forbidden")
