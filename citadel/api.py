@@ -19,7 +19,6 @@ The pydantic models below describe the bodies for the OpenAPI document only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -90,18 +89,6 @@ def _choice(doc: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _utf8(text: str, name: str) -> bytes:
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        # A lone surrogate ("\ud800") is valid JSON but no UTF-8 text.
-        raise InvalidRequest(f"The field {name} is not valid Unicode text.") from None
-
-
-def _short_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 class Operations:
     """The operation handlers: body in, response body out; errors are raised."""
 
@@ -160,16 +147,13 @@ class Operations:
         message_encoding = _choice(doc, "message_encoding", signing.MESSAGE_ENCODINGS)
         key_encoding = _choice(doc, "key_encoding", key_encodings)
         signature_encoding = _choice(doc, "signature_encoding", signing.SIGNATURE_ENCODINGS)
-        if message_encoding == "utf-8":
-            message = _utf8(text, "message")
-        else:
-            message = signing.decode_message(text, message_encoding)
+        message = signing.decode_message(text, message_encoding)
         if len(message) > self._max_message:
             raise PayloadTooLarge(f"The message is over {self._max_message} bytes.")
         if not message:
             raise InvalidRequest("The field message must not decode to nothing.")
         ctx.ct_fp = fingerprint(ciphertext)
-        ctx.extra = {"algorithm": algorithm, "msg_fp": _short_hash(message)}
+        ctx.extra = {"algorithm": algorithm, "msg_fp": fingerprint(message)}
         signature = await self.vault.sign(
             ciphertext,
             algorithm=algorithm,

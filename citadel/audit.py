@@ -126,9 +126,14 @@ def pseudonym_key(settings: Settings) -> bytes:
         ) from None
 
 
-def fingerprint(ciphertext: str) -> str:
-    """``ct_fp``: the first 16 hex digits of the ciphertext's SHA-256."""
-    return hashlib.sha256(ciphertext.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+def fingerprint(data: str | bytes) -> str:
+    """``ct_fp`` and ``msg_fp``: the first 16 hex digits of the SHA-256 of ``data``.
+
+    A ``str`` (a ciphertext) is hashed as UTF-8, lone surrogates passed through,
+    since a JSON string may hold one.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 # The contract's 503 always carries Retry-After; a sink recovers when its reader

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import secrets
@@ -49,6 +48,7 @@ from typing import IO, Any, Final
 
 import httpx
 
+from citadel.audit import fingerprint  # the audit log's ct_fp: a reject ties to its event
 from citadel_client import AsyncCitadelClient
 from citadel_client.errors import (
     CitadelConnectionError,
@@ -189,11 +189,6 @@ def _split_ending(raw: bytes) -> tuple[bytes, bytes]:
 def _terminated(raw: bytes) -> bytes:
     """Every output line ends with a newline: a resumed run counts complete lines by it."""
     return raw if raw.endswith(b"\n") else raw + b"\n"
-
-
-def fingerprint(ciphertext: str) -> str:
-    """The audit log's ``ct_fp``: ties a rejected line to the server's audit event."""
-    return hashlib.sha256(ciphertext.encode()).hexdigest()[:16]
 
 
 def target_prefix(ciphertext: str) -> str | None:

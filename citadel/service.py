@@ -9,6 +9,7 @@ the other by rewrapping while both keep working.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 
 from citadel import signing
@@ -71,20 +72,12 @@ class Vault:
     ) -> str:
         """Sign ``message`` with the secret inside ``ciphertext``; only the signature leaves."""
         secret = await self.owner(ciphertext).decrypt(ciphertext)
-        if algorithm in _SLOW_ALGORITHMS:
-            signature: str = await asyncio.to_thread(
-                signing.sign,
-                algorithm,
-                secret,
-                message,
-                key_encoding=key_encoding,
-                signature_encoding=signature_encoding,
-            )
-            return signature
-        return signing.sign(
+        work = functools.partial(
+            signing.sign,
             algorithm,
             secret,
             message,
             key_encoding=key_encoding,
             signature_encoding=signature_encoding,
         )
+        return await asyncio.to_thread(work) if algorithm in _SLOW_ALGORITHMS else work()

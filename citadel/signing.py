@@ -107,11 +107,11 @@ def decode_message(message: str, encoding: str) -> bytes:
             # A JSON string may hold a lone surrogate (e.g. "\\ud800"), which has no UTF-8.
             return message.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidRequest() from None
+            raise InvalidRequest("The field message is not valid Unicode text.") from None
     if encoding == "base64":
         decoded = _strict_b64decode(message)
         if decoded is None:
-            raise InvalidRequest()
+            raise InvalidRequest("The field message is not canonical standard base64.")
         return decoded
     raise InvalidRequest()
 
