@@ -96,6 +96,7 @@ def create_app(
             yield
         finally:
             await deadlines.aclose()
+            await vault.aclose()
             await key_watcher.aclose()
             await limiter.aclose()
             for p in providers:

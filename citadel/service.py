@@ -9,16 +9,64 @@ the other by rewrapping while both keep working.
 from __future__ import annotations
 
 import asyncio
-import functools
+import hmac
+import secrets
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from citadel import signing
-from citadel.errors import InvalidCiphertext, InvalidRequest, PayloadTooLarge
+from citadel.errors import (
+    InvalidCiphertext,
+    InvalidKey,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProviderUnavailable,
+)
+from citadel.keycheck import CheckUnavailable, RsaKeyChecker
 from citadel.providers.base import Provider
 
 # Signing with these takes long enough (RSA: about a millisecond) that it
 # runs in a worker thread instead of holding the event loop.
 _SLOW_ALGORITHMS = frozenset({"rsa-pkcs1v15-sha256"})
+
+
+class KeyVerdicts:
+    """What ``/sign`` learnt about the secret inside a ciphertext, so that it is learnt once.
+
+    A ciphertext always decrypts to the same secret, so a verdict on that
+    secret for one algorithm and key encoding holds for the ciphertext: an RSA
+    key that passed the key check (``None``), or the fixed detail of the
+    ``invalid_key`` it got. A refused ciphertext sent again is refused without
+    decrypting it (for Evervault, without an API call) or parsing anything.
+    Entries are an HMAC of the ciphertext under a random per-process key: nothing
+    here says anything of a secret, nor even which ciphertexts were seen.
+    Bounded, the least recently used forgotten first.
+    """
+
+    def __init__(self, capacity: int = 16384) -> None:
+        self._salt = secrets.token_bytes(32)
+        self._seen: OrderedDict[bytes, str | None] = OrderedDict()
+        self._capacity = capacity
+
+    def fingerprint(self, ciphertext: str, algorithm: str, key_encoding: str) -> bytes:
+        data = f"{algorithm}\0{key_encoding}\0{ciphertext}".encode("utf-8", "surrogatepass")
+        return hmac.digest(self._salt, data, "sha256")
+
+    def known(self, fingerprint: bytes) -> tuple[bool, str | None]:
+        """Whether there is a verdict, and the refusal's detail if it was one."""
+        if fingerprint not in self._seen:
+            return False, None
+        self._seen.move_to_end(fingerprint)
+        return True, self._seen[fingerprint]
+
+    def remember(self, fingerprint: bytes, refused: str | None) -> None:
+        self._seen[fingerprint] = refused
+        self._seen.move_to_end(fingerprint)
+        while len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class Vault:
@@ -29,12 +77,19 @@ class Vault:
     """
 
     def __init__(
-        self, encryptor: Provider, decryptors: Sequence[Provider], max_plaintext_bytes: int
+        self,
+        encryptor: Provider,
+        decryptors: Sequence[Provider],
+        max_plaintext_bytes: int,
+        *,
+        key_checker: RsaKeyChecker | None = None,
     ) -> None:
         self.provider = encryptor
         self.decryptors = tuple(decryptors)
         self._routes = tuple((p.prefix, p) for p in self.decryptors)
         self._max = max_plaintext_bytes
+        self.key_checker = key_checker or RsaKeyChecker()
+        self.key_verdicts = KeyVerdicts()
 
     def owner(self, ciphertext: str) -> Provider:
         """The decrypting provider whose prefix the ciphertext carries."""
@@ -70,14 +125,49 @@ class Vault:
         key_encoding: str,
         signature_encoding: str,
     ) -> str:
-        """Sign ``message`` with the secret inside ``ciphertext``; only the signature leaves."""
+        """Sign ``message`` with the secret inside ``ciphertext``; only the signature leaves.
+
+        Nothing here holds the event loop for long, whatever the secret: a key
+        refused before is refused again at once, keys are parsed without the RSA
+        check, and that check runs in :class:`~citadel.keycheck.RsaKeyChecker`'s process.
+        """
+        verdicts = self.key_verdicts
+        fingerprint = verdicts.fingerprint(ciphertext, algorithm, key_encoding)
+        known, refused = verdicts.known(fingerprint)
+        if refused is not None:
+            raise InvalidKey(refused)
         secret = await self.owner(ciphertext).decrypt(ciphertext)
-        work = functools.partial(
-            signing.sign,
-            algorithm,
-            secret,
-            message,
-            key_encoding=key_encoding,
-            signature_encoding=signature_encoding,
-        )
-        return await asyncio.to_thread(work) if algorithm in _SLOW_ALGORITHMS else work()
+        try:
+            prepared = signing.prepare(
+                algorithm,
+                secret,
+                key_encoding=key_encoding,
+                signature_encoding=signature_encoding,
+                rsa_checked=known,
+            )
+        except InvalidKey as err:
+            refused = err.detail
+        # Dropped before anything is raised: the error's traceback keeps this frame.
+        del secret
+        if refused is not None:
+            verdicts.remember(fingerprint, refused)
+            raise InvalidKey(refused)
+        if prepared.unchecked_pem is not None:
+            try:
+                passed = await self.key_checker.passes(prepared.unchecked_pem)
+            except CheckUnavailable:
+                raise ProviderUnavailable(
+                    "The key check is busy; retry later.", retry_after=1
+                ) from None
+            if not passed:
+                verdicts.remember(fingerprint, signing.RSA_KEY_CHECK_FAILED)
+                raise InvalidKey(signing.RSA_KEY_CHECK_FAILED)
+            verdicts.remember(fingerprint, None)
+        if algorithm in _SLOW_ALGORITHMS:
+            return await asyncio.to_thread(
+                signing.sign_prepared, prepared, message, signature_encoding
+            )
+        return signing.sign_prepared(prepared, message, signature_encoding)
+
+    async def aclose(self) -> None:
+        await self.key_checker.aclose()

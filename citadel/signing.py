@@ -1,14 +1,19 @@
 """Signing with an exchange secret: the cryptographic core of ``POST /sign``.
 
 No HTTP: the caller (the service layer) decrypts the secret for one request,
-calls :func:`sign`, and drops the secret. A key is parsed on every call and
+prepares the key (:func:`prepare`: cheap, always on the caller's thread),
+has an RSA key that was never checked put through the full key check, signs
+(:func:`sign_prepared`) and drops the secret. A key is parsed on every call and
 never cached, so no parsed key outlives its request
-(``scripts/bench_sign.py`` measures what parsing costs per call). The one piece
-of state is :class:`_ValidatedRsaKeys`, which remembers that an RSA PEM passed
-the (slow) key check, as a keyed fingerprint, never the key.
+(``scripts/bench_sign.py`` measures what parsing costs per call). This module
+keeps no state: what is remembered between requests (which ciphertexts hold
+checked or refused keys) is the service's, by keyed fingerprints of ciphertexts.
 
-RSA signing with a key not seen before costs tens of milliseconds of CPU (the
-key check): call :func:`sign` off the event loop (``anyio.to_thread``).
+No step here can take long: a PEM is always loaded without cryptography's RSA
+key check, an RSA key of a size exchanges do not issue is refused before
+anything else, and the check itself (tens to hundreds of milliseconds, with
+the GIL held) is :func:`citadel.keycheck.rsa_key_passes`, which the service
+runs in a child process. :func:`sign` does all of it inline, for tools and tests.
 
 Errors carry fixed text only. Nothing from the secret, the message or the
 signature is ever put in an exception, and :class:`~citadel.errors.InvalidKey`
@@ -22,9 +27,7 @@ import base64
 import binascii
 import hmac
 import re
-import secrets
-import threading
-from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Final
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -40,9 +43,14 @@ from citadel.errors import InvalidKey, InvalidRequest
 __all__ = [
     "ALGORITHMS",
     "MESSAGE_ENCODINGS",
+    "RSA_KEY_BITS",
+    "RSA_KEY_CHECK_FAILED",
     "SIGNATURE_ENCODINGS",
+    "PreparedKey",
     "decode_message",
+    "prepare",
     "sign",
+    "sign_prepared",
 ]
 
 # Algorithm -> the key encodings it takes, the default first (the contract's table).
@@ -58,6 +66,9 @@ SIGNATURE_ENCODINGS: Final[tuple[str, ...]] = ("hex", "base64", "base64url")
 
 # hashlib names, as hmac.digest takes them (its one-shot C path, no HMAC object).
 _HMAC_DIGESTS: Final = {"hmac-sha256": "sha256", "hmac-sha512": "sha512"}
+# The RSA sizes exchanges issue or accept (Binance takes 2048 and 4096). Anything
+# else is refused before the key check, whose cost grows with the cube of the size.
+RSA_KEY_BITS: Final = frozenset({2048, 3072, 4096})
 _ED25519_SEED_BYTES: Final = 32
 _P256_COORDINATE_BYTES: Final = 32
 
@@ -75,6 +86,14 @@ _OTHER_KEY_TYPE: Final = (
     "The decrypted secret is a private key of another type or curve than the algorithm needs."
 )
 _EMPTY_KEY: Final = "The decrypted secret is empty after decoding; an HMAC key must not be empty."
+_RSA_SIZE: Final = (
+    "The decrypted secret is an RSA key of a size Citadel does not sign with "
+    "(2048, 3072 or 4096 bits)."
+)
+RSA_KEY_CHECK_FAILED: Final = (
+    "The decrypted secret is an RSA key that fails the key check (its primes or CRT values "
+    "are inconsistent); generate the key again."
+)
 
 # PEM labels that are a public half, never a signing key.
 _PUBLIC_LABEL: Final = re.compile(rb"-----BEGIN (?:[A-Z0-9 ]* )?(?:PUBLIC KEY|CERTIFICATE)-----")
@@ -116,15 +135,30 @@ def decode_message(message: str, encoding: str) -> bytes:
     raise InvalidRequest()
 
 
-def sign(
-    algorithm: str, secret: str, message: bytes, *, key_encoding: str, signature_encoding: str
-) -> str:
-    """Sign ``message`` with ``secret`` read as a key of ``algorithm`` per ``key_encoding``.
+@dataclass(frozen=True, slots=True)
+class PreparedKey:
+    """A parsed key for one request; ``unchecked_pem`` is an RSA PEM not yet through the check."""
 
-    Returns the signature in ``signature_encoding`` (``hex``, ``base64``, or
-    unpadded ``base64url``). A name outside the contract's tables (an encoding
-    the algorithm does not take included) is :class:`InvalidRequest`; a secret
-    that is not such a key is :class:`InvalidKey`.
+    algorithm: str
+    key: _Key
+    unchecked_pem: bytes | None = None
+
+
+def prepare(
+    algorithm: str,
+    secret: str,
+    *,
+    key_encoding: str,
+    signature_encoding: str,
+    rsa_checked: bool = False,
+) -> PreparedKey:
+    """The key ``secret`` holds for ``algorithm`` per ``key_encoding``; cheap, whatever the secret.
+
+    A name outside the contract's tables (an encoding the algorithm does not
+    take included) is :class:`InvalidRequest`; a secret that is not such a key
+    is :class:`InvalidKey`. An RSA key comes back with its PEM in
+    ``unchecked_pem`` unless ``rsa_checked`` says this secret passed the check
+    before: sign with it only once :func:`citadel.keycheck.rsa_key_passes` said so.
     """
     if (
         key_encoding not in ALGORITHMS.get(algorithm, ())
@@ -133,7 +167,7 @@ def sign(
         raise InvalidRequest()
     refused: str | None = None
     try:
-        key = _parse_key(algorithm, secret, key_encoding)
+        prepared = _parse_key(algorithm, secret, key_encoding, rsa_checked)
     except _Refused as exc:
         refused = exc.detail
     if refused is not None:
@@ -141,7 +175,36 @@ def sign(
         # secret is dropped from this frame, which the error's traceback keeps alive.
         del secret
         raise InvalidKey(refused)
-    return _encode(_sign_with(algorithm, key, message), signature_encoding)
+    return prepared
+
+
+def sign_prepared(prepared: PreparedKey, message: bytes, signature_encoding: str) -> str:
+    """The signature of ``message`` in ``signature_encoding`` (hex, base64, unpadded base64url)."""
+    return _encode(_sign_with(prepared.algorithm, prepared.key, message), signature_encoding)
+
+
+def sign(
+    algorithm: str, secret: str, message: bytes, *, key_encoding: str, signature_encoding: str
+) -> str:
+    """Prepare, check (inline: slow for an RSA key) and sign, on the caller's thread.
+
+    For tools and tests; the server runs the RSA check in a child process instead.
+    """
+    from citadel.keycheck import rsa_key_passes
+
+    refused: str | None = None
+    try:
+        prepared = prepare(
+            algorithm, secret, key_encoding=key_encoding, signature_encoding=signature_encoding
+        )
+    except InvalidKey as err:
+        refused = err.detail
+    del secret  # this frame would travel with the error's traceback
+    if refused is not None:
+        raise InvalidKey(refused)
+    if prepared.unchecked_pem is not None and not rsa_key_passes(prepared.unchecked_pem):
+        raise InvalidKey(RSA_KEY_CHECK_FAILED)
+    return sign_prepared(prepared, message, signature_encoding)
 
 
 def _strict_b64decode(text: str) -> bytes | None:
@@ -161,7 +224,7 @@ def _strict_b64decode(text: str) -> bytes | None:
 # -- keys -----------------------------------------------------------------------------------------
 
 
-def _parse_key(algorithm: str, secret: str, key_encoding: str) -> _Key:
+def _parse_key(algorithm: str, secret: str, key_encoding: str, rsa_checked: bool) -> PreparedKey:
     """The key ``secret`` holds for ``algorithm``; raises :class:`_Refused` when it holds none."""
     if algorithm in _HMAC_DIGESTS:
         raw = _decode_bytes(secret, key_encoding)
@@ -169,23 +232,26 @@ def _parse_key(algorithm: str, secret: str, key_encoding: str) -> _Key:
             # HMAC takes an empty key, but then anyone can forge the signature. No
             # exchange issues an empty secret, so an empty one is a stored mistake.
             raise _Refused(_EMPTY_KEY)
-        return raw
+        return PreparedKey(algorithm, raw)
     if algorithm == "ed25519" and key_encoding != "pem":
         seed = _decode_bytes(secret, key_encoding)
         if len(seed) != _ED25519_SEED_BYTES:
             raise _Refused(_NOT_A_KEY)
-        return Ed25519PrivateKey.from_private_bytes(seed)
-    key = _load_pem(secret)
+        return PreparedKey(algorithm, Ed25519PrivateKey.from_private_bytes(seed))
+    data = secret.encode("utf-8", "replace")
+    key = _load_pem(data)
     if algorithm == "ed25519" and isinstance(key, Ed25519PrivateKey):
-        return key
+        return PreparedKey(algorithm, key)
     if algorithm == "rsa-pkcs1v15-sha256" and isinstance(key, rsa.RSAPrivateKey):
-        return key
+        if key.key_size not in RSA_KEY_BITS:
+            raise _Refused(_RSA_SIZE)
+        return PreparedKey(algorithm, key, None if rsa_checked else data)
     if (
         algorithm == "ecdsa-p256-sha256"
         and isinstance(key, ec.EllipticCurvePrivateKey)
         and isinstance(key.curve, ec.SECP256R1)
     ):
-        return key
+        return PreparedKey(algorithm, key)
     # An RSA key for ed25519, a P-384 or secp256k1 key for ecdsa-p256, an Ed448 key, ...
     raise _Refused(_OTHER_KEY_TYPE)
 
@@ -210,55 +276,15 @@ def _decode_bytes(secret: str, key_encoding: str) -> bytes:
     raise AssertionError("unreachable: sign() checked the key encoding")  # pragma: no cover
 
 
-class _ValidatedRsaKeys:
-    """Keyed fingerprints of the RSA PEMs that passed cryptography's full key check.
+def _load_pem(data: bytes) -> PrivateKeyTypes:
+    """The private key of a PEM (PKCS#8, PKCS#1 or SEC 1), unencrypted, never RSA-checked here.
 
-    Loading an RSA key checks it (primality of p and q, CRT consistency): about
-    30 ms for 2048 bits and 250 ms for 4096, against about 15 us without the
-    check (``scripts/bench_sign.py``). The check guards against a malformed key
-    whose signatures could leak it, and its verdict depends only on the PEM's
-    bytes, so each distinct PEM is checked once per process and later loads skip
-    it. Only an HMAC of the PEM under a random per-process key is kept, never the
-    key or any parsed object: nothing here can be turned back into a secret, and
-    no key outlives its request. Bounded, oldest forgotten first.
+    Without the check, loading is parsing only (microseconds, whatever the
+    key): an RSA key is checked later, and only when it is to sign as RSA.
     """
-
-    def __init__(self, capacity: int = 4096) -> None:
-        self._salt = secrets.token_bytes(32)
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()  # sign() may run in worker threads
-
-    def fingerprint(self, pem: bytes) -> bytes:
-        return hmac.digest(self._salt, pem, "sha256")
-
-    def checked(self, fingerprint: bytes) -> bool:
-        with self._lock:
-            if fingerprint not in self._seen:
-                return False
-            self._seen.move_to_end(fingerprint)
-            return True
-
-    def add(self, fingerprint: bytes) -> None:
-        with self._lock:
-            self._seen[fingerprint] = None
-            self._seen.move_to_end(fingerprint)
-            while len(self._seen) > self._capacity:
-                self._seen.popitem(last=False)
-
-
-_VALIDATED_RSA = _ValidatedRsaKeys()
-
-
-def _load_pem(secret: str) -> PrivateKeyTypes:
-    """The private key of a PEM (PKCS#8, PKCS#1 or SEC 1), unencrypted."""
-    data = secret.encode("utf-8", "replace")
-    fingerprint = _VALIDATED_RSA.fingerprint(data)
     refused: str | None = None
     try:
-        key = load_pem_private_key(
-            data, password=None, unsafe_skip_rsa_key_validation=_VALIDATED_RSA.checked(fingerprint)
-        )
+        key = load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
     except TypeError:
         # cryptography's answer to an encrypted PEM loaded without a password.
         refused = _ENCRYPTED_PEM
@@ -266,8 +292,6 @@ def _load_pem(secret: str) -> PrivateKeyTypes:
         refused = _PUBLIC_PEM if _PUBLIC_LABEL.search(data) else _NOT_A_KEY
     if refused is not None:
         raise _Refused(refused)
-    if isinstance(key, rsa.RSAPrivateKey):
-        _VALIDATED_RSA.add(fingerprint)
     return key
 
 

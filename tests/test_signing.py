@@ -473,36 +473,12 @@ def test_a_failed_sign_leaves_the_next_sign_unaffected() -> None:
     assert got == JEFE_SHA256
 
 
-# -- the RSA key check is done once per distinct PEM ------------------------------------------------
+# -- the RSA key check: never inline in prepare(), bounded sizes ---------------------------------
 
 
-def test_rsa_key_check_runs_once_per_pem_then_is_skipped(
-    monkeypatch: pytest.MonkeyPatch, rsa_key: rsa.RSAPrivateKey
-) -> None:
-    import citadel.signing as signing
-
-    monkeypatch.setattr(signing, "_VALIDATED_RSA", signing._ValidatedRsaKeys())
-    skipped: list[bool] = []
-    real = signing.load_pem_private_key
-
-    def spy(data: bytes, password: None, *, unsafe_skip_rsa_key_validation: bool) -> object:
-        skipped.append(unsafe_skip_rsa_key_validation)
-        return real(data, password, unsafe_skip_rsa_key_validation=unsafe_skip_rsa_key_validation)
-
-    monkeypatch.setattr(signing, "load_pem_private_key", spy)
-    secret = pem(rsa_key)
-    for _ in range(3):
-        sign("rsa-pkcs1v15-sha256", secret, MESSAGE, key_encoding="pem", signature_encoding="hex")
-    assert skipped == [False, True, True]
-
-
-def test_a_malformed_rsa_key_is_refused_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    import citadel.signing as signing
-
-    monkeypatch.setattr(signing, "_VALIDATED_RSA", signing._ValidatedRsaKeys())
-    good = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
-    # A wrong CRT coefficient: signatures from such a key can reveal its factors.
-    bad = rsa.RSAPrivateNumbers(
+def _wrong_crt(good: rsa.RSAPrivateNumbers) -> rsa.RSAPrivateKey:
+    """Real primes, a wrong CRT coefficient: signatures from such a key can reveal its factors."""
+    return rsa.RSAPrivateNumbers(
         p=good.p,
         q=good.q,
         d=good.d,
@@ -511,31 +487,70 @@ def test_a_malformed_rsa_key_is_refused_every_time(monkeypatch: pytest.MonkeyPat
         iqmp=(good.iqmp + 1) % good.p,
         public_numbers=good.public_numbers,
     ).private_key(unsafe_skip_rsa_key_validation=True)
-    secret = pem(bad)
+
+
+@pytest.mark.parametrize("algorithm", ["rsa-pkcs1v15-sha256", "ecdsa-p256-sha256", "ed25519"])
+def test_prepare_never_runs_the_rsa_key_check(
+    monkeypatch: pytest.MonkeyPatch, rsa_key: rsa.RSAPrivateKey, algorithm: str
+) -> None:
+    import citadel.signing as signing
+
+    skipped: list[bool] = []
+    real = signing.load_pem_private_key
+
+    def spy(data: bytes, password: None, *, unsafe_skip_rsa_key_validation: bool) -> object:
+        skipped.append(unsafe_skip_rsa_key_validation)
+        return real(data, password, unsafe_skip_rsa_key_validation=unsafe_skip_rsa_key_validation)
+
+    monkeypatch.setattr(signing, "load_pem_private_key", spy)
+    try:
+        signing.prepare(algorithm, pem(rsa_key), key_encoding="pem", signature_encoding="hex")
+    except InvalidKey:
+        pass
+    assert skipped == [True]
+
+
+def test_an_rsa_key_not_checked_before_comes_with_its_pem_to_check(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    from citadel.signing import prepare
+
+    secret = pem(rsa_key)
+    fresh = prepare("rsa-pkcs1v15-sha256", secret, key_encoding="pem", signature_encoding="hex")
+    checked = prepare(
+        "rsa-pkcs1v15-sha256",
+        secret,
+        key_encoding="pem",
+        signature_encoding="hex",
+        rsa_checked=True,
+    )
+    assert (fresh.unchecked_pem, checked.unchecked_pem) == (secret.encode(), None)
+
+
+def test_an_rsa_pem_for_ecdsa_or_ed25519_is_refused_without_a_pem_to_check(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    from citadel.signing import prepare
+
+    for algorithm in ("ecdsa-p256-sha256", "ed25519"):
+        with pytest.raises(InvalidKey, match="another type"):
+            prepare(algorithm, pem(rsa_key), key_encoding="pem", signature_encoding="hex")
+
+
+@pytest.mark.parametrize("bits", [1024, 1536, 2560])
+def test_an_rsa_key_of_a_size_exchanges_do_not_issue_is_invalid_key(bits: int) -> None:
+    from citadel.signing import prepare
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    with pytest.raises(InvalidKey, match="2048, 3072 or 4096 bits"):
+        prepare("rsa-pkcs1v15-sha256", pem(key), key_encoding="pem", signature_encoding="hex")
+
+
+def test_a_malformed_rsa_key_is_refused_by_the_key_check_every_time() -> None:
+    good = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_numbers()
+    secret = pem(_wrong_crt(good))
     for _ in range(2):
-        with pytest.raises(InvalidKey):
+        with pytest.raises(InvalidKey, match="fails the key check"):
             sign(
                 "rsa-pkcs1v15-sha256", secret, MESSAGE, key_encoding="pem", signature_encoding="hex"
             )
-
-
-def test_validated_rsa_set_forgets_the_oldest_beyond_its_capacity() -> None:
-    from citadel.signing import _ValidatedRsaKeys
-
-    seen = _ValidatedRsaKeys(capacity=2)
-    a, b, c = (seen.fingerprint(x) for x in (b"a", b"b", b"c"))
-    seen.add(a)
-    seen.add(b)
-    assert seen.checked(a)  # a is now the most recent
-    seen.add(c)
-    assert (seen.checked(a), seen.checked(b), seen.checked(c)) == (True, False, True)
-
-
-def test_validated_rsa_set_keeps_no_key_material(rsa_key: rsa.RSAPrivateKey) -> None:
-    from citadel.signing import _ValidatedRsaKeys
-
-    seen = _ValidatedRsaKeys()
-    data = pem(rsa_key).encode()
-    seen.add(seen.fingerprint(data))
-    assert seen.fingerprint(data) != hashlib.sha256(data).digest()  # keyed, not a plain hash
-    assert all(len(fp) == 32 for fp in seen._seen)
