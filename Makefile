@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml client/pyproject.toml
 run: $(VENV)/.installed  ## start Citadel on the local provider
 	$(BIN)/citadel serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed  ## the whole test suite (installs redis-server when missing)
-	@scripts/ensure-redis-server
+test: $(VENV)/.installed  ## the whole test suite (installs redis-server and nginx when missing)
+	@scripts/ensure-test-packages
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed
