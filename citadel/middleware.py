@@ -43,7 +43,8 @@ from citadel.errors import (
 from citadel.http_errors import MethodNotAllowed, error_parts
 from citadel.metrics import Metrics
 from citadel.security import Authenticator
-from citadel.server import REFUSED
+from citadel.server import REFUSED, VALID_REQUEST_ID
+from citadel.server import REQUEST_ID as REQUEST_ID_KEY
 
 if TYPE_CHECKING:
     from citadel.config import Network
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("citadel")
 
 OPERATIONS = {"/encrypt": "encrypt", "/decrypt": "decrypt", "/sign": "sign", "/rewrap": "rewrap"}
-REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID = VALID_REQUEST_ID
 USER_ID = re.compile(rb"^[A-Za-z0-9_.:@-]{1,128}$")
 _OWS = b" \t"
 _JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
@@ -187,16 +188,16 @@ class CitadelMiddleware:
             return
         start = perf_counter()
         api_key = user = request_id = length = forwarded = None
-        repeated_key = repeated_id = False
+        repeated_key = repeated_user = repeated_rid = False
         for name, value in scope["headers"]:
             if name == b"x-internal-api-key":
                 repeated_key = api_key is not None
                 api_key = value
             elif name == b"x-user-id":
-                repeated_id = repeated_id or user is not None
+                repeated_user = repeated_user or user is not None
                 user = value
             elif name == b"x-request-id":
-                repeated_id = repeated_id or request_id is not None
+                repeated_rid = repeated_rid or request_id is not None
                 request_id = value
             elif name == b"content-length":
                 length = value if length is None else b"repeated"
@@ -204,12 +205,17 @@ class CitadelMiddleware:
                 forwarded = value if forwarded is None else forwarded + b"," + value
         if request_id is not None:
             request_id = request_id.strip(_OWS)
+        chosen = scope.get(REQUEST_ID_KEY)  # by the protocol, when it refused the body already
         ctx = RequestContext(
-            request_id.decode()
-            if request_id is not None and not repeated_id and REQUEST_ID.match(request_id)
+            chosen.decode()
+            if chosen is not None
+            else request_id.decode()
+            if request_id is not None and not repeated_rid and REQUEST_ID.match(request_id)
             else self._new_request_id(),
             operation,
         )
+        # The protocol's own refusals of this request (a 431 trailer) carry the same id.
+        scope[REQUEST_ID_KEY] = ctx.request_id.encode()
         status = 200
         extra_headers: list[tuple[bytes, bytes]] = []
         body_read = False
@@ -220,7 +226,7 @@ class CitadelMiddleware:
                     await self.limiter.hit_auth_failure(self._client_address(scope, forwarded))
                 raise Unauthenticated()
             ctx.caller = caller
-            if repeated_id:
+            if repeated_user or repeated_rid:
                 raise InvalidRequest("X-User-ID and X-Request-ID may each be sent once.")
             if user is not None:
                 user = user.strip(_OWS)
@@ -247,12 +253,6 @@ class CitadelMiddleware:
             # A body the HTTP parser refused mid-way: the client got the parser's answer.
             ctx.code = scope.get(REFUSED, err.code) if isinstance(err, _ClientGone) else err.code
             status, payload, extra_headers = error_parts(err)
-            if not body_read:
-                # Answered before the body was read (401, 429, 405, 413, 408): the
-                # rest of it may still be on its way, and the server closes the
-                # connection rather than read it as a request. Say so, or a
-                # keep-alive client sends its next request into a closed socket.
-                extra_headers.append((b"connection", b"close"))
         except Exception as exc:
             # A bug, never bad input: the type and the frames, never the message
             # (it can hold data) or the locals.
@@ -265,7 +265,7 @@ class CitadelMiddleware:
             internal = CitadelError()
             ctx.code = internal.code
             status, payload, extra_headers = error_parts(internal)
-        await self._respond(send, ctx, status, payload, extra_headers, start)
+        await self._respond(send, ctx, status, payload, extra_headers, start, close=not body_read)
 
     async def _respond(
         self,
@@ -275,6 +275,8 @@ class CitadelMiddleware:
         payload: bytes,
         extra_headers: list[tuple[bytes, bytes]],
         start: float,
+        *,
+        close: bool,
     ) -> None:
         """Audit, count, then send; a response whose audit line failed is never sent."""
         elapsed = perf_counter() - start
@@ -296,6 +298,12 @@ class CitadelMiddleware:
             ctx.code = err.code
             status, payload, extra_headers = error_parts(err)
         self._count(ctx, elapsed)
+        if close:
+            # Answered before the body was read (401, 429, 405, 413, 408, or a 503 of
+            # the audit): the rest of it may still be on its way, and the server
+            # drains it and closes rather than read it as a request. Say so, or a
+            # keep-alive client sends its next request into a closing socket.
+            extra_headers.append((b"connection", b"close"))
         headers = [
             *_JSON_HEADERS,
             (b"content-length", str(len(payload)).encode()),
@@ -314,23 +322,44 @@ class CitadelMiddleware:
         self._durations[ctx.operation].observe(elapsed)
 
     async def _pass_on(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Any other path: FastAPI answers; Citadel adds only the request id."""
+        """Any other path: FastAPI answers; Citadel adds the request id, and says when it closes.
+
+        An answer sent before the request's body arrived (FastAPI's 405 to a
+        ``POST /health`` with a body) says ``Connection: close``: the server
+        drains that body and closes, as after an operation's early answer.
+        """
         request_id = None
+        body_unread = False
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = None if request_id is not None else value.strip(_OWS)
+            elif name == b"transfer-encoding" or (
+                name == b"content-length" and value.strip(_OWS).strip(b"0")
+            ):
+                body_unread = True
         rid = (
             request_id
             if request_id is not None and REQUEST_ID.match(request_id)
             else self._new_request_id().encode()
         )
+        scope[REQUEST_ID_KEY] = rid
+
+        async def receive_body() -> Message:
+            nonlocal body_unread
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_unread = False
+            return message
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                extra = [(b"x-request-id", rid)]
+                if body_unread:
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        await self.app(scope, receive_body if body_unread else receive, send_with_id)
 
     def _new_request_id(self) -> str:
         return f"{self._rid_prefix}{next(self._rid_counter):016x}"

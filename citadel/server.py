@@ -3,13 +3,28 @@
 uvicorn's httptools protocol accepts request headers of any size and takes
 as long as the client likes to send them; its parser's cost grows
 quadratically with a header sent in many pieces, so one client sending an
-80 MB header stalled every other request. :class:`GuardedHttpToolsProtocol`
-refuses a request whose headers pass 64 KiB with 431, counted as the bytes
-arrive and before the parser sees them (a chunked body's framing and
-trailers too), and closes a connection whose headers do not complete within
-``CITADEL_READ_TIMEOUT_S`` (counted from the connection for its first
-request, so that a connection sending nothing is not held either). Bodies are timed
-by the request path (:mod:`citadel.middleware`), which can audit the 408.
+80 MB header stalled every other request. :class:`GuardedHttpToolsProtocol`:
+
+- refuses a request whose head passes 64 KiB with 431, counted as the bytes
+  arrive and before the parser sees them. The protocol finds where each head
+  ends itself (its blank line) and where a ``Content-Length`` body ends, so
+  every head is counted from its first byte, also when it arrives in the same
+  read as the end of the request before it; a chunked body's framing and
+  trailers count against the same 64 KiB;
+- closes a connection whose head does not complete within
+  ``CITADEL_READ_TIMEOUT_S`` (counted from the connection for its first
+  request, so that a connection sending nothing is not held either);
+- ignores ``Upgrade`` (RFC 9110 7.8): Citadel serves no websockets or h2c
+  (uvicorn's websocket protocol is off), and httptools, which skips the body
+  of any request asking for an upgrade, gets the request again without it;
+- after an answer sent before its request's body arrived (an early 401, 403,
+  413), reads and drops the rest of that body, within 4 MiB and the read
+  deadline, before it closes (a lingering close, as Apache and nginx do):
+  closing with unread bytes makes the kernel reset the connection, and a proxy
+  still writing the body then reports 502 instead of the answer;
+- answers what it refuses itself in JSON with a code and an ``X-Request-ID``.
+
+Bodies are timed by the request path (:mod:`citadel.middleware`), which can audit the 408.
 
 uvicorn's own ``X-Forwarded-For`` handling is off: it trusts 127.0.0.1 by
 default, so a sidecar passing the header through would let any client pick
@@ -20,33 +35,46 @@ only.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import re
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEADER_BYTES = 64 * 1024
 # A chunk's size line and the CRLF after its data, as an honest client sends them.
 CHUNK_LINE_BYTES = 32
+# The most of an unread body drained after an early answer, before closing.
+LINGER_BYTES = 4 * 1024 * 1024
+_HEAD_END = b"\r\n\r\n"
+# Hop-by-hop fields of an upgrade that Citadel ignores (RFC 9110 7.6.1, RFC 7540 3.2.1).
+_UPGRADE_FIELDS = frozenset({b"upgrade", b"http2-settings"})
 
 
 # Set in a request's scope when the protocol answers it itself while the app
 # is still reading its body, so the audit line names the code the client got.
 REFUSED = "citadel.refused"
+# Set in a request's scope by the request path: the id its answers carry, the
+# protocol's own refusals included.
+REQUEST_ID = "citadel.request_id"
 
 
-def _refusal(status: int, reason: bytes, code: str, detail: str) -> tuple[str, bytes]:
+def _refusal(status: int, reason: bytes, code: str, detail: str) -> tuple[str, bytes, bytes]:
+    """The code, the head (less its request id and blank line) and the body of a refusal."""
     body = orjson.dumps({"detail": detail, "code": code})
-    return code, b"".join(
+    head = b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
             b"cache-control: no-store\r\n",
-            b"connection: close\r\n\r\n",
-            body,
+            b"connection: close\r\n",
         ]
     )
+    return code, head, body
 
 
 _TOO_LARGE = _refusal(
@@ -60,9 +88,37 @@ _TIMEOUT = _refusal(
     408, b"Request Timeout", "request_timeout", "The request headers did not arrive in time."
 )
 
+VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+# Ids of the protocol's own refusals, for requests the request path never saw:
+# unique, not secret (the request path's ids have the same shape).
+_REFUSAL_ID_PREFIX = os.urandom(8).hex()
+_refusal_ids = itertools.count(1)
+
+
+class _ResponseTransport:
+    """The transport a request's cycle writes to; its ``close`` may linger first."""
+
+    __slots__ = ("_protocol", "_transport")
+
+    def __init__(self, protocol: GuardedHttpToolsProtocol, transport: asyncio.Transport) -> None:
+        self._protocol = protocol
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._protocol.close_after_response()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """httptools with a header size limit, a header deadline and JSON refusals."""
+    """httptools with a head limit and deadline, no upgrades, a lingering close, JSON refusals."""
 
     header_timeout_s: float = 10.0
 
@@ -71,66 +127,191 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Bytes of the current request's head seen so far; None while its body is read.
         self._head_bytes: int | None = 0
         self._head_timer: asyncio.TimerHandle | None = None
-        # While a body is read: bytes received that were not body (chunk framing,
-        # extensions, trailers), against what is allowed; messages completed so far.
+        # The last bytes of a head in progress, to find a blank line split across reads.
+        self._carry = b""
+        # While a body is read: what is left of a Content-Length body (None: chunked);
+        # bytes received that were not body (chunk framing, extensions, trailers),
+        # against what is allowed; body bytes and messages completed so far.
+        self._body_left: int | None = None
         self._overhead = 0
         self._overhead_room = MAX_HEADER_BYTES
+        self._body_seen = 0
         self._messages = 0
+        # An upgrade request: its head rebuilt without the upgrade, to parse again.
+        self._upgrading = False
+        self._replaying = False
+        self._replay: bytes | None = None
+        # After an early answer: draining the rest of its body, then closing.
+        self._lingering = False
+        self._linger_left = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._response_transport: _ResponseTransport | None = None
+        # A refusal of a pipelined head, sent once the answer before it is out.
+        self._deferred: tuple[str, bytes, bytes] | None = None
+        # Once anything is refused, nothing more of this connection is served.
+        self._refused = False
+        # Bytes of the head (then of the trailers) as the parser reported them.
+        self._parsed = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._response_transport = _ResponseTransport(self, transport)
         # The deadline of the first head runs from the connection, not its first
         # byte: a connection that never sends one must not be held forever.
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
 
-    def data_received(self, data: bytes) -> None:
-        if self._head_bytes is None:
-            self._body_received(data)
-            return
-        while self._head_bytes is not None:
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
-            room = MAX_HEADER_BYTES - self._head_bytes
-            if len(data) <= room:
-                self._head_bytes += len(data)
-                break
-            if room <= 0:
-                self._refuse(_TOO_LARGE)
-                return
-            # Feed only what fits. If the head ends inside it, the rest is body
-            # (or, pipelined, the next request, whose head is counted afresh).
-            self._head_bytes = MAX_HEADER_BYTES
-            super().data_received(data[:room])
-            if self.transport.is_closing():
-                return
-            if self._head_bytes == MAX_HEADER_BYTES:  # the same head, and more of it
-                self._refuse(_TOO_LARGE)
-                return
-            data = data[room:]
-        super().data_received(data)
+    # -- reading ----------------------------------------------------------------------------------
 
-    def _body_received(self, data: bytes) -> None:
-        """Feed body bytes; refuse a chunked body whose framing and trailers pass 64 KiB.
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._refused:
+            return
+        if self._lingering:
+            self._linger_left -= len(data)
+            if self._linger_left < 0:
+                self.transport.close()
+                return
+        while data and not self.transport.is_closing():
+            data = self._body_received(data) if self._head_bytes is None else self._head(data)
+
+    def _head(self, data: bytes) -> bytes:
+        """Feed head bytes up to the blank line that ends the head; the rest is returned."""
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+        end = self._head_end(data)
+        piece = data if end < 0 else data[:end]
+        self._head_bytes = (self._head_bytes or 0) + len(piece)
+        if self._head_bytes > MAX_HEADER_BYTES:
+            self._refuse(_TOO_LARGE)
+            return b""
+        self._carry = (self._carry + piece[-3:])[-3:] if end < 0 else b""
+        self._feed(piece)
+        return data[len(piece) :]
+
+    def _head_end(self, data: bytes) -> int:
+        """The index in ``data`` just past the head's blank line, or -1."""
+        if self._carry:
+            joined = (self._carry + data[:3]).find(_HEAD_END)
+            if joined >= 0:
+                return joined + len(_HEAD_END) - len(self._carry)
+        found = data.find(_HEAD_END)
+        return found + len(_HEAD_END) if found >= 0 else -1
+
+    def _body_received(self, data: bytes) -> bytes:
+        """Feed body bytes; a chunked body's framing and trailers count against 64 KiB.
 
         Trailers are parsed like header fields (a long one in many pieces costs
         the parser quadratic time), so they count against the same limit, with
         chunk size lines and extensions; each chunk is allowed its size line.
+        A ``Content-Length`` body is fed exactly, so the next head is counted
+        from its first byte. Where a chunked body ends inside a read, the rest
+        of that read is charged to the next head whole (framing included).
         """
-        messages = self._messages
-        super().data_received(data)
-        if self._head_bytes is None and self._messages == messages:  # still this body
-            self._overhead = max(0, self._overhead + len(data))
+        if self._body_left is not None:
+            piece = data if len(data) <= self._body_left else data[: self._body_left]
+            self._feed(piece)
+            return data[len(piece) :]
+        messages, body_seen = self._messages, self._body_seen
+        self._feed(data)
+        not_body = len(data) - (self._body_seen - body_seen)
+        if self._messages == messages:  # still this body
+            self._overhead += not_body
             if self._overhead > self._overhead_room and not self.transport.is_closing():
                 self._refuse(_TOO_LARGE)
+        elif self._head_bytes is not None:
+            self._head_bytes += not_body
+            self._carry = data[-3:]
+            if self._head_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self._refuse(_TOO_LARGE)
+        return b""
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._parse_again(data[exc.args[0] :])
+        except httptools.HttpParserError:
+            self._refuse(_BAD_REQUEST)
+
+    def _parse_again(self, rest: bytes) -> None:
+        """After httptools stopped at an upgrade: the same request without it, then ``rest``."""
+        head, self._replay, self._upgrading = self._replay, None, False
+        if head is None:  # CONNECT, or an upgrade again: nothing to serve
+            self._refuse(_BAD_REQUEST)
+            return
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self._head_bytes = 0
+        self._carry = b""
+        # No larger than the head already counted; the body follows in rest.
+        self._replaying = True
+        try:
+            self._feed(head)
+        finally:
+            self._replaying = False
+        if rest and not self.transport.is_closing():
+            self.data_received(rest)
+
+    def _rebuilt_head(self) -> bytes | None:
+        """This request's head without ``Upgrade`` (and its ``Connection`` token), or None."""
+        method = self.parser.get_method()
+        if method == b"CONNECT" or self._replaying:
+            return None
+        lines = [
+            method,
+            b" ",
+            self.url,
+            b" HTTP/",
+            self.parser.get_http_version().encode(),
+            b"\r\n",
+        ]
+        for name, value in self.headers:
+            if name in _UPGRADE_FIELDS:
+                continue
+            if name == b"connection":
+                tokens = [t.strip() for t in value.split(b",")]
+                value = b", ".join(t for t in tokens if t and t.lower() not in _UPGRADE_FIELDS)
+                if not value:
+                    continue
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    # -- parser callbacks -------------------------------------------------------------------------
 
     def on_body(self, body: bytes) -> None:
-        self._overhead -= len(body)
+        if self._refused:
+            return
+        self._body_seen += len(body)
+        if self._body_left is not None:
+            self._body_left -= len(body)
         super().on_body(body)
 
     def on_chunk_header(self) -> None:
         self._overhead_room += CHUNK_LINE_BYTES
 
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        self._parsed = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self._refused:
+            return
+        self._parsed += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The fields as parsed are counted too: a head, or trailers, that came
+        # whole within one read (after the end of the request before it) are
+        # refused past 64 KiB like any other.
+        if self._refused:
+            return
+        self._parsed += len(name) + len(value) + 4
+        if self._parsed > MAX_HEADER_BYTES:
+            self._refuse(_TOO_LARGE)
+            return
         # After the head, the parser reports a chunked body's trailer fields here.
         # They are not headers (RFC 9110 6.5): merged into the request's headers,
         # a key or user id sent after the body would pass any proxy that checks
@@ -139,31 +320,85 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        if self._refused:
+            return
+        if self.parser.should_upgrade():
+            # httptools skips the body of an upgrade request and stops after its
+            # head; _feed parses the head again without the upgrade.
+            self._upgrading = True
+            self._replay = self._rebuilt_head()
+            self._head_bytes = 0
+            return
         self._head_bytes = None
+        self._parsed = 0  # from here on, of the trailers
         self._overhead = 0
         self._overhead_room = MAX_HEADER_BYTES
-        self._cancel_head_timer()
+        self._body_left = _content_length(self.headers)
         super().on_headers_complete()
+        self.cycle.transport = self._response_transport  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
+        if self._upgrading or self._refused:
+            return  # the end of an upgrade request without its body: it is parsed again
         super().on_message_complete()
         self._messages += 1
         self._head_bytes = 0  # the next bytes on this connection start a new request
+        self._body_left = None
+        if self._lingering:
+            self.transport.close()
+
+    # -- answering --------------------------------------------------------------------------------
+
+    def close_after_response(self) -> None:
+        """Close once the answer is out: at once, or after draining the rest of the body.
+
+        An answer sent before its request's body arrived (an early 401, a 413)
+        leaves the rest of that body on its way. Closing now would reset the
+        connection, and a proxy still writing the body reports a 502 instead
+        of the answer; so the rest is read and dropped (never served as a
+        request) until the body ends, 4 MiB pass or the read deadline, then closed.
+        """
+        if self._head_bytes is not None or self.transport.is_closing():
+            self.transport.close()
+            return
+        left = LINGER_BYTES if self._body_left is None else self._body_left
+        if left > LINGER_BYTES:
+            self.transport.close()
+            return
+        self._lingering = True
+        self._linger_left = LINGER_BYTES
+        self._linger_timer = self.loop.call_later(self.header_timeout_s, self.transport.close)
+        # uvicorn stops reading a body the app does not read; the drain must go on.
+        self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
-        # A response sent before its request's body arrived (an early 401, a
-        # 413): the rest of that body must not be read as the next request,
-        # nor may a client trickling it hold the connection.
-        if self.cycle is not None and self.cycle.more_body and not self.pipeline:
-            self.transport.close()
+        if self._deferred is not None and not self.pipeline:
+            self.server_state.total_requests += 1
+            self._write_refusal(self._deferred, None)
+            return
+        if self._lingering or self.transport.is_closing():
+            self.server_state.total_requests += 1
+            return
+        if self._head_bytes is None and self.cycle is not None and not self.pipeline:
+            # A keep-alive answer (FastAPI's 405, say) sent before the body arrived:
+            # the rest of that body must not be read as the next request.
+            self.close_after_response()
+            self.server_state.total_requests += 1
             return
         super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(_BAD_REQUEST)
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """Never reached (upgrades are parsed again); nothing of a request is ever logged."""
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def _head_late(self) -> None:
@@ -176,14 +411,77 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, refusal: tuple[str, bytes]) -> None:
+    def _refuse(self, refusal: tuple[str, bytes, bytes]) -> None:
+        """Answer ``refusal`` and close: now, or after the answer the client awaits first."""
         self._cancel_head_timer()
-        if not self.transport.is_closing():
-            code, response = refusal
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.cycle.scope[REFUSED] = code  # type: ignore[literal-required]
-            self.transport.write(response)
-            self.transport.close()
+        if self.transport.is_closing() or self._refused:
+            return
+        self._refused = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if self._head_bytes is not None:
+                # A head after a request still being answered (pipelined): the
+                # refusal follows that answer, and nothing more is read.
+                self._deferred = refusal
+                self.flow.pause_reading()
+                return
+            if cycle.response_started:
+                # The app's answer is on its way: nothing more can be said on this connection.
+                self.transport.close()
+                return
+            # This request's body (its framing, its trailers) is refused: the app,
+            # still reading it, audits the code the client got, under the id it gets.
+            cycle.scope[REFUSED] = refusal[0]  # type: ignore[literal-required]
+            # The app reading the body learns it will not come (and audits the refusal),
+            # even when it gets to run before the connection is gone.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._write_refusal(refusal, _request_id(cycle.scope))
+            return
+        self._write_refusal(refusal, None)
+
+    def _write_refusal(self, refusal: tuple[str, bytes, bytes], request_id: bytes | None) -> None:
+        _, head, body = refusal
+        if request_id is None:
+            request_id = b"%s%016x" % (_REFUSAL_ID_PREFIX.encode(), next(_refusal_ids))
+        self.transport.write(b"%sx-request-id: %s\r\n\r\n%s" % (head, request_id, body))
+        self.transport.close()
+
+
+def _request_id(scope: Any) -> bytes:
+    """The id of the request in ``scope``, shared with the request path through the scope.
+
+    The request path may not have run yet (the whole request came in one
+    read): the id is then chosen here, as the request path would choose it
+    (the client's, when it sent one valid one), and left in the scope for it.
+    """
+    preset = scope.get(REQUEST_ID)
+    if isinstance(preset, bytes):
+        return preset
+    sent = [value.strip(b" \t") for name, value in scope["headers"] if name == b"x-request-id"]
+    chosen: bytes
+    if len(sent) == 1 and VALID_REQUEST_ID.match(sent[0]):
+        chosen = sent[0]
+    else:
+        chosen = b"%s%016x" % (_REFUSAL_ID_PREFIX.encode(), next(_refusal_ids))
+    scope[REQUEST_ID] = chosen
+    return chosen
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body length the parser framed the request with: None when chunked.
+
+    The parser already refused a head whose framing is ambiguous (both fields,
+    a repeated or malformed length), so this reads what it accepted.
+    """
+    length = 0
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            # Leading zeros are allowed, and past 4300 digits int() refuses a str.
+            length = int(value.strip(b" \t").lstrip(b"0") or b"0")
+    return length
 
 
 def protocol_for(header_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
@@ -197,6 +495,9 @@ def uvicorn_options(header_timeout_s: float) -> dict[str, Any]:
     """The uvicorn settings every Citadel server runs with (``citadel serve`` and the tests)."""
     return {
         "http": protocol_for(header_timeout_s),
+        # Citadel serves no websockets: with a websocket protocol, uvicorn hands
+        # it any request asking for one, outside every deadline of this module.
+        "ws": "none",
         "proxy_headers": False,
         "server_header": False,
         "log_config": None,

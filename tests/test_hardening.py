@@ -1113,13 +1113,6 @@ def test_a_body_read_in_full_keeps_the_connection_alive(served: Served) -> None:
 # -- Upgrade (found in this pass) ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="httptools skips the body of a request carrying Connection: Upgrade (it returns "
-    "1 from on_headers_complete) and uvicorn, with no upgrade to offer, goes on with an "
-    "empty body: `curl --http2 -d ... /encrypt` (Upgrade: h2c) gets 422 'not valid JSON'. "
-    "RFC 9110 7.8 lets a server ignore Upgrade; the parser does not",
-)
 def test_an_upgrade_header_is_ignored_and_the_body_still_read(served: Served) -> None:
     upgrade = [
         b"Connection: Upgrade, HTTP2-Settings",
