@@ -4,8 +4,9 @@ In-process, one core, no HTTP: it answers "would caching parsed keys matter?"
 against the rest of a /sign request (a decrypt, the audit line, HTTP), which
 costs far more. Prints microseconds per call for each algorithm: the whole
 sign(), the key parsing alone, and the rest (signing and encoding). RSA rows
-"cold" run cryptography's key check on every call (a key this process has not
-seen yet); the others skip it for a PEM already checked (see _ValidatedRsaKeys).
+"cold" run cryptography's key check on every call, inline (a key the server has
+no verdict on yet: the server runs that check in its key-check process, and the
+last rows time that round trip); the others sign with a key already checked.
 
     .venv/bin/python scripts/bench_sign.py [--scale 1.0]
 """
@@ -13,7 +14,9 @@ seen yet); the others skip it for a PEM already checked (see _ValidatedRsaKeys).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import time
 import timeit
 from collections.abc import Callable
 from functools import partial
@@ -22,6 +25,7 @@ from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from citadel import signing
+from citadel.keycheck import RsaKeyChecker
 
 MESSAGE = (
     b"symbol=BTCUSDT&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=37500"
@@ -71,31 +75,54 @@ def main() -> None:
     print(
         f"{'case':<20} {'calls':>6} {'sign() us':>10} {'parse us':>9} {'rest us':>8} {'parse %':>8}"
     )
-    warm = signing._VALIDATED_RSA
     for label, algorithm, key_encoding, secret, calls in cases():
         n = max(1, int(calls * args.scale))
-        # "cold": an RSA key never seen by this process, so the full key check runs on
-        # every call (a set that keeps nothing); otherwise the usual per-process set.
-        signing._VALIDATED_RSA = (
-            signing._ValidatedRsaKeys(capacity=0) if label.endswith("cold") else warm
+        cold = label.endswith("cold")
+        prepare = partial(
+            signing.prepare,
+            algorithm,
+            secret,
+            key_encoding=key_encoding,
+            signature_encoding="hex",
+            rsa_checked=True,
         )
-        whole = per_call_us(
-            partial(
-                signing.sign,
-                algorithm,
-                secret,
-                MESSAGE,
-                key_encoding=key_encoding,
-                signature_encoding="hex",
-            ),
-            n,
+
+        def warm_sign(prepare: Callable[[], signing.PreparedKey] = prepare) -> str:
+            return signing.sign_prepared(prepare(), MESSAGE, "hex")
+
+        cold_sign = partial(
+            signing.sign,
+            algorithm,
+            secret,
+            MESSAGE,
+            key_encoding=key_encoding,
+            signature_encoding="hex",
         )
-        # The private parser is what a cache would save; nothing else calls it.
-        parse = per_call_us(partial(signing._parse_key, algorithm, secret, key_encoding), n)
+        whole = per_call_us(cold_sign if cold else warm_sign, n)
+        parse = per_call_us(prepare, n)
         print(
             f"{label:<20} {n:>6} {whole:>10.1f} {parse:>9.1f} {whole - parse:>8.1f} "
             f"{100 * parse / whole:>7.0f}%"
         )
+    asyncio.run(child_round_trips(cases(), args.scale))
+
+
+async def child_round_trips(rows: list[tuple[str, str, str, str, int]], scale: float) -> None:
+    """The server's way: the key check in the child process, timed from the event loop."""
+    checker = RsaKeyChecker()
+    try:
+        for label, _, _, secret, calls in rows:
+            if not label.endswith("cold"):
+                continue
+            n = max(1, int(calls * scale))
+            await checker.passes(secret.encode())  # the child's start-up is not the check
+            start = time.perf_counter()
+            for _ in range(n):
+                await checker.passes(secret.encode())
+            us = (time.perf_counter() - start) / n * 1e6
+            print(f"{label + ' in child':<27} {n:>6} {us:>10.1f} us per check, off the loop")
+    finally:
+        await checker.aclose()
 
 
 if __name__ == "__main__":
