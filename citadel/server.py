@@ -418,6 +418,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._refused = True
         cycle = self.cycle
+        if self._head_bytes is None and self.pipeline and self.pipeline[0][0] is cycle:
+            # The refused request waits behind one still being answered: it is
+            # never started, and its refusal follows the answers before it.
+            self.pipeline.popleft()
+            self._deferred = refusal
+            self.flow.pause_reading()
+            return
         if cycle is not None and not cycle.response_complete:
             if self._head_bytes is not None:
                 # A head after a request still being answered (pipelined): the
