@@ -32,7 +32,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from citadel.config import SettingError, Settings
+from citadel.config import SettingError, Settings, read_secret_file
 from citadel.errors import AuditUnavailable
 from citadel.fileio import create_once
 
@@ -119,7 +119,7 @@ def pseudonym_key(settings: Settings) -> bytes:
     path = settings.dev_dir / "audit-pseudonym.key"
     create_once(path, lambda: secrets.token_hex(32).encode() + b"\n")
     try:
-        return path.read_bytes().strip()
+        return read_secret_file(path, "CITADEL_AUDIT_PSEUDONYM_KEY", settings.env).strip()
     except OSError:
         raise SettingError(
             "CITADEL_AUDIT_PSEUDONYM_KEY", f"is unset and {path} is unreadable"

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import structlog
 from limits import parse as parse_limit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+log = structlog.get_logger("citadel")
 
 Operation = Literal["encrypt", "decrypt", "sign", "rewrap"]
 ProviderName = Literal["local", "evervault"]
@@ -231,7 +236,9 @@ class Settings(BaseSettings):
         if self.api_keys_file is None:
             return None
         try:
-            raw = json.loads(self.api_keys_file.read_bytes())
+            raw = json.loads(
+                read_secret_file(self.api_keys_file, "CITADEL_API_KEYS_FILE", self.env)
+            )
         except OSError:
             raise SettingError("CITADEL_API_KEYS_FILE", "cannot be read") from None
         except ValueError:
@@ -250,6 +257,81 @@ class SettingError(Exception):
         self.variable = variable
         self.problem = problem
         super().__init__(f"{variable} {problem}")
+
+
+# -- secret files' modes ---------------------------------------------------------
+#
+# A file of keys (the keyring, the API keys file, the development key files)
+# must not let another local user read or replace it. The rule, applied to the
+# file a path resolves to (symlinks followed, as in a Kubernetes Secret mount):
+#
+# - no permission at all for others (mode & 0o007);
+# - the group may read, nothing more (mode & 0o030): 0640 and 0440 are how a
+#   Kubernetes Secret is shared with the pod's fsGroup, or a file with a group
+#   made for Citadel; a group that may write could replace the keys;
+# - the owner is Citadel's own user or root: any other owner could chmod and
+#   rewrite it at will.
+#
+# Production refuses such a file; development logs ``secret_file_unsafe``
+# (once per file and mode) and goes on.
+
+EXPECTED_KEY_FILE_MODES = "0600 or 0400 (owner only), or 0640 or 0440 for a group that must read it"
+_FIX = "chmod 600 (owner only; 640 when a group such as Kubernetes' fsGroup must read it)"
+_warned: set[tuple[str, str, int, int, int]] = set()
+
+
+def _verbs(bits: int) -> str:
+    names = [n for bit, n in ((4, "read"), (2, "change"), (1, "execute")) if bits & bit]
+    return " and ".join(names)
+
+
+def secret_file_problem(mode: int, uid: int, euid: int | None = None) -> str | None:
+    """What is unsafe in a key file of permission bits ``mode`` owned by ``uid``, or None.
+
+    The text names the mode and the fix, never the file's content.
+    """
+    mode = stat.S_IMODE(mode)
+    if mode & 0o007:
+        return f"has mode {mode:04o}, which lets other users {_verbs(mode)} it; {_FIX}"
+    if mode & 0o030:
+        return f"has mode {mode:04o}, which lets its group {_verbs(mode >> 3)} it; {_FIX}"
+    me = os.geteuid() if euid is None else euid
+    if uid not in (me, 0):
+        return (
+            f"is owned by uid {uid}, neither Citadel's user (uid {me}) nor root, who could "
+            f"replace it; chown it to uid {me} (or root) and {_FIX}"
+        )
+    return None
+
+
+def read_secret_file(path: Path, variable: str, env: str) -> bytes:
+    """The bytes of a key file, after checking the mode of the very file opened.
+
+    In production an unsafe mode or owner (see :func:`secret_file_problem`)
+    raises :class:`SettingError` naming ``variable``; in development it logs
+    ``secret_file_unsafe``. ``OSError`` when the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        problem = secret_file_problem(st.st_mode, st.st_uid)
+        if problem is not None:
+            if env == "production":
+                raise SettingError(variable, problem)
+            target = os.path.realpath(path)
+            seen = (variable, target, st.st_ino, st.st_mode, st.st_uid)
+            if seen not in _warned:
+                _warned.add(seen)
+                log.warning(
+                    "secret_file_unsafe",
+                    setting=variable,
+                    path=target,
+                    mode=f"{stat.S_IMODE(st.st_mode):04o}",
+                    owner_uid=st.st_uid,
+                    expected=EXPECTED_KEY_FILE_MODES,
+                    problem=problem,
+                    refused_in="production",
+                )
+        return f.read()
 
 
 def check_api_keys_shape(value: Any) -> None:

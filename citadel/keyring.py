@@ -48,6 +48,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from citadel.config import SettingError, read_secret_file
 from citadel.fileio import create_once, replace_atomically
 
 FORMAT = "citadel-keyring/1"
@@ -265,10 +266,20 @@ def resolve(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def load_keyring(path: Path) -> Keyring:
-    """Read, parse and check the keyring at ``path`` (symlinks followed)."""
+def load_keyring(path: Path, *, env: str | None = None) -> Keyring:
+    """Read, parse and check the keyring at ``path`` (symlinks followed).
+
+    With ``env`` (the server's ``CITADEL_ENV``) the file's mode and owner are
+    checked too (:func:`citadel.config.read_secret_file`): production refuses
+    a keyring that other users could read or replace, development warns.
+    """
     try:
-        raw = path.read_bytes()
+        if env is None:
+            raw = path.read_bytes()
+        else:
+            raw = read_secret_file(path, "CITADEL_LOCAL_KEYRING", env)
+    except SettingError as exc:
+        raise KeyringError(f"keyring {path} {exc.problem}") from None
     except FileNotFoundError:
         raise KeyringError(f"keyring {path} does not exist") from None
     except OSError as exc:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from citadel.config import Operation, SettingError, Settings
+from citadel.config import Operation, SettingError, Settings, read_secret_file
 from citadel.fileio import create_once
 
 log = structlog.get_logger("citadel")
@@ -105,7 +105,7 @@ def resolve_api_keys(settings: Settings) -> tuple[dict[str, list[str]], Path | N
 
     create_once(path, make)
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(read_secret_file(path, "CITADEL_API_KEYS", settings.env))
     except (OSError, ValueError):
         raise SettingError("CITADEL_API_KEYS", f"is unset and {path} is unreadable") from None
     return {str(c): [str(k) for k in v] for c, v in doc.items()}, path
@@ -127,13 +127,14 @@ class KeyFileWatcher:
         self._task: asyncio.Task[None] | None = None
         self._seen = self._stamp()
 
-    def _stamp(self) -> tuple[float, int] | None:
+    def _stamp(self) -> tuple[float, int, int, int, int] | None:
+        # Mode and owner too: a `chmod 600` that makes a refused file safe is a change.
         path = self._settings.api_keys_file
         try:
             st = path.stat() if path else None
         except OSError:
             return None
-        return (st.st_mtime, st.st_size) if st else None
+        return (st.st_mtime, st.st_size, st.st_ino, st.st_mode, st.st_uid) if st else None
 
     async def start(self) -> None:
         if self._settings.api_keys_file is not None:

@@ -25,6 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from citadel.config import secret_file_problem
+
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["local", "evervault"]
@@ -274,6 +276,30 @@ def test_secrets_are_directories_never_subpath_and_tmp_is_the_only_writable_plac
         assert Path(e["CITADEL_LOCAL_KEYRING"]).parent == Path(secret_dirs["citadel-keyring"])
     else:
         assert "citadel-keyring" not in secret_dirs
+
+
+def test_secret_files_pass_citadels_mode_rule_and_are_readable_by_the_pod(
+    overlay: tuple[str, list[Doc]],
+) -> None:
+    # The kubelet writes a Secret's files owned by root, with defaultMode, and
+    # with an fsGroup gives them that group and adds group read (0440) to them.
+    # Citadel in production refuses a key file that others can use or that its
+    # group can change (citadel.config.secret_file_problem): these must pass.
+    _, docs = overlay
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    uid = container(docs)["securityContext"]["runAsUser"]
+    fs_group = pod["securityContext"].get("fsGroup")
+    for volume in pod["volumes"]:
+        if "secret" not in volume:
+            continue
+        mode = volume["secret"].get("defaultMode", 0o644)
+        if fs_group is not None:
+            mode |= 0o440
+        assert secret_file_problem(mode, 0, euid=uid) is None, (volume["name"], oct(mode))
+        # uid 10001 is not root: it reads the file through its group, the fsGroup.
+        assert fs_group == pod["securityContext"]["runAsGroup"] and mode & 0o040
+    # Kubernetes' own default mode would be refused.
+    assert secret_file_problem(0o644, 0, euid=uid) is not None
 
 
 def test_settings_production_and_secrets_from_secrets(overlay: tuple[str, list[Doc]]) -> None:

@@ -87,10 +87,11 @@ class XAES256GCM:
         return self._derive(nonce).decrypt(nonce[12:], ciphertext, aad)
 
 
-# (device, inode, mtime, size) of the file a keyring path resolves to, with that
-# resolved path: a Secret volume's ``..data`` swap changes the path, an atomic
-# replace the inode, an in-place edit the mtime or size.
-Stamp = tuple[str, int, int, int, int]
+# (device, inode, mtime, size, mode, owner) of the file a keyring path resolves
+# to, with that resolved path: a Secret volume's ``..data`` swap changes the
+# path, an atomic replace the inode, an in-place edit the mtime or size, and a
+# `chmod`/`chown` that makes a refused file safe the mode or owner.
+Stamp = tuple[str, int, int, int, int, int, int]
 
 
 def file_stamp(path: Path) -> Stamp | None:
@@ -99,7 +100,7 @@ def file_stamp(path: Path) -> Stamp | None:
         st = os.stat(target)
     except OSError:
         return None
-    return (target, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    return (target, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,14 +198,20 @@ class LocalProvider:
         path = settings.local_keyring
         if create and settings.env == "development" and create_keyring(path, origin="auto"):
             log.info("keyring_created", path=str(path))
+        env = settings.env
+
+        def loader(p: Path) -> Keyring:
+            # The file's mode and owner are checked at start-up and on every re-read.
+            return load_keyring(p, env=env)
+
         seen = file_stamp(path)  # before reading: a change in between is then seen again
-        keyring = load_keyring(path)
+        keyring = loader(path)
         if settings.env == "production" and keyring.origin == "auto":
             raise SettingError(
                 "CITADEL_LOCAL_KEYRING",
                 "was auto-created for development; create one with `citadel keyring init`",
             )
-        return cls(keyring, path=path, metrics=metrics, seen=seen)
+        return cls(keyring, path=path, metrics=metrics, seen=seen, loader=loader)
 
     def __repr__(self) -> str:
         return f"LocalProvider(path={self._path!r}, keyring={self._view.keyring!r})"
