@@ -26,6 +26,7 @@ from citadel.fileio import create_once
 log = structlog.get_logger("citadel")
 
 HASHED = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+MIN_RAW_KEY_CHARS = 32
 DEV_CALLERS = ("sentinel", "conductor")
 
 
@@ -90,8 +91,14 @@ def resolve_api_keys(settings: Settings) -> tuple[dict[str, list[str]], Path | N
     Returns the keys and, when dev keys are in use, the file they are kept in.
     """
     keys: dict[str, list[str]] = {}
-    for source in (settings.api_keys, settings.load_api_keys_file()):
+    sources = (
+        ("CITADEL_API_KEYS", settings.api_keys),
+        ("CITADEL_API_KEYS_FILE", settings.load_api_keys_file()),
+    )
+    for variable, source in sources:
         for caller, entries in (source or {}).items():
+            if settings.env == "production":
+                _refuse_short_raw_keys(variable, caller, entries)
             keys.setdefault(caller, []).extend(entries)
     if keys:
         return keys, None
@@ -109,6 +116,21 @@ def resolve_api_keys(settings: Settings) -> tuple[dict[str, list[str]], Path | N
     except (OSError, ValueError):
         raise SettingError("CITADEL_API_KEYS", f"is unset and {path} is unreadable") from None
     return {str(c): [str(k) for k in v] for c, v in doc.items()}, path
+
+
+def _refuse_short_raw_keys(variable: str, caller: str, entries: list[str]) -> None:
+    """Production takes no raw key a guesser could find: 32 characters at least.
+
+    The ``sha256:`` form is taken as it is (its key's length cannot be known);
+    ``citadel keygen`` makes 64-character keys.
+    """
+    for entry in entries:
+        if not HASHED.match(entry) and len(entry) < MIN_RAW_KEY_CHARS:
+            raise SettingError(
+                variable,
+                f"holds a raw key of caller {caller!r} shorter than {MIN_RAW_KEY_CHARS} "
+                "characters, refused in production (make one with `citadel keygen`)",
+            )
 
 
 class KeyFileWatcher:
@@ -159,6 +181,6 @@ class KeyFileWatcher:
             except SettingError as exc:
                 log.error("api_keys_reload_failed", problem=str(exc))
                 continue
-            log.warning(
+            log.info(
                 "api_keys_reloaded", keys_per_caller={c: len(k) for c, k in sorted(keys.items())}
             )

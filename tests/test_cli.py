@@ -58,14 +58,20 @@ def test_setting_from_dotenv_file_is_used(tmp_path: Path) -> None:
     ("env", "named"),
     [
         ({}, "CITADEL_API_KEYS"),
-        ({"CITADEL_API_KEYS": '{"sentinel": ["k"]}'}, "CITADEL_AUDIT_PSEUDONYM_KEY"),
         (
-            {"CITADEL_API_KEYS": '{"sentinel": ["k"]}', "CITADEL_AUDIT_PSEUDONYM_KEY": "p" * 32},
+            {"CITADEL_API_KEYS": '{"sentinel": ["kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"]}'},
+            "CITADEL_AUDIT_PSEUDONYM_KEY",
+        ),
+        (
+            {
+                "CITADEL_API_KEYS": '{"sentinel": ["kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"]}',
+                "CITADEL_AUDIT_PSEUDONYM_KEY": "p" * 32,
+            },
             "CITADEL_LOCAL_KEYRING",
         ),
         (
             {
-                "CITADEL_API_KEYS": '{"sentinel": ["k"]}',
+                "CITADEL_API_KEYS": '{"sentinel": ["kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"]}',
                 "CITADEL_AUDIT_PSEUDONYM_KEY": "p" * 32,
                 "CITADEL_DOCS": "true",
             },
@@ -81,6 +87,20 @@ def test_production_refuses_unsafe_set_ups(tmp_path: Path, env: dict[str, str], 
     assert not (tmp_path / ".citadel" / "keyring.json").exists()
 
 
+def test_production_refuses_a_short_raw_api_key_in_one_line_without_it(tmp_path: Path) -> None:
+    short = "SHORTCANARY" + "k" * 10
+    result = run(
+        ["serve"],
+        tmp_path,
+        CITADEL_ENV="production",
+        CITADEL_API_KEYS=json.dumps({"sentinel": [short]}),
+        CITADEL_AUDIT_PSEUDONYM_KEY="p" * 32,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "CITADEL_API_KEYS" in result.stderr
+    assert "SHORTCANARY" not in result.stderr + result.stdout
+
+
 def test_production_refuses_an_auto_created_keyring(tmp_path: Path) -> None:
     run(["keyring", "show"], tmp_path)  # nothing is created by show...
     with serving(tmp_path):  # ...but a development start creates one
@@ -89,7 +109,7 @@ def test_production_refuses_an_auto_created_keyring(tmp_path: Path) -> None:
         ["serve"],
         tmp_path,
         CITADEL_ENV="production",
-        CITADEL_API_KEYS='{"sentinel": ["k"]}',
+        CITADEL_API_KEYS='{"sentinel": ["kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"]}',
         CITADEL_AUDIT_PSEUDONYM_KEY="p" * 32,
     )
     assert result.returncode == 2

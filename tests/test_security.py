@@ -68,3 +68,47 @@ def test_keys_file_rotation_without_restart_or_failed_request(tmp_path: Path) ->
             wait_until(lambda: status(NEW) != 200, timeout=3)
     events = [e for e in s.audit.events() if e["requestor"] is None]
     assert all(e["code"] == "unauthenticated" for e in events)
+
+
+# -- production: no raw key a guesser could find (issue 19, item 4) --------------------------
+
+SHORT = "k" * 31
+
+
+def test_production_refuses_a_raw_key_shorter_than_32_characters(tmp_path: Path) -> None:
+    from citadel.security import resolve_api_keys
+
+    settings = make_settings(tmp_path, env="production", api_keys={"sentinel": [SHORT]})
+    with pytest.raises(SettingError) as refused:
+        resolve_api_keys(settings)
+    assert refused.value.variable == "CITADEL_API_KEYS"
+    assert SHORT not in str(refused.value) and "32" in str(refused.value)
+
+
+def test_production_refuses_a_short_raw_key_in_the_keys_file_naming_the_file_setting(
+    tmp_path: Path,
+) -> None:
+    from citadel.security import resolve_api_keys
+
+    path = tmp_path / "keys.json"
+    write_keys(path, SHORT)
+    path.chmod(0o600)
+    settings = make_settings(tmp_path, env="production", api_keys=None, api_keys_file=path)
+    with pytest.raises(SettingError) as refused:
+        resolve_api_keys(settings)
+    assert refused.value.variable == "CITADEL_API_KEYS_FILE"
+
+
+def test_production_takes_a_raw_key_of_32_characters_and_any_sha256_form(tmp_path: Path) -> None:
+    from citadel.security import resolve_api_keys
+
+    keys = {"sentinel": ["k" * 32], "conductor": [sha256_form(SHORT)]}
+    settings = make_settings(tmp_path, env="production", api_keys=keys)
+    assert resolve_api_keys(settings)[0] == keys
+
+
+def test_development_takes_a_short_raw_key(tmp_path: Path) -> None:
+    from citadel.security import resolve_api_keys
+
+    settings = make_settings(tmp_path, api_keys={"sentinel": [SHORT]})
+    assert resolve_api_keys(settings)[0] == {"sentinel": [SHORT]}

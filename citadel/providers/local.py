@@ -361,7 +361,7 @@ class LocalProvider:
         if ring == old.keyring:
             return
         self._view = _View.of(ring, old)
-        log.warning(
+        log.info(
             "keyring_reloaded",
             path=str(self._path),
             active=ring.active,
