@@ -22,6 +22,7 @@ from citadel.keyring import (
 )
 
 EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 1  # something serve needs (its address) cannot be had
 
 
 def _fail(message: str) -> int:
@@ -41,6 +42,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings()
     configure_logging(settings)
+    busy = _cannot_listen(args.host, args.port)
+    if busy is not None:
+        print(f"citadel: cannot listen on {busy}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     # Built in this process even with several workers, so that a bad set-up is
     # reported once, before any worker starts.
     app = create_app(settings)
@@ -62,6 +67,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         uvicorn.run(app, **common)
     return 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """What stops ``serve`` from listening on host:port (one line), or None.
+
+    Tried before anything starts, so that a busy port is said once, plainly,
+    and never after a ``citadel_started`` line; uvicorn binds the same way next.
+    """
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return f"{host}:{port}: the host name does not resolve"
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                where = (
+                    f"[{address[0]}]:{port}"
+                    if family == socket.AF_INET6
+                    else f"{address[0]}:{port}"
+                )
+                return f"{where}: {exc.strerror}"
+    return None
 
 
 def cmd_keygen(_args: argparse.Namespace) -> int:
@@ -170,12 +202,25 @@ def cmd_keyring(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from citadel.status import VERSION
+
     parser = argparse.ArgumentParser(prog="citadel", description="Citadel credential vault.")
+    parser.add_argument("--version", action="version", version=f"citadel {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8004)
-    serve.add_argument("--workers", type=int, default=1)
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP service",
+        description="Serve Citadel's HTTP API; settings come from CITADEL_* variables and .env.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8004, help="TCP port to listen on")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (to share rate limits, a redis:// rate-limit storage URI)",
+    )
     serve.set_defaults(func=cmd_serve)
     keygen = sub.add_parser("keygen", help="print a new API key and its sha256: form")
     keygen.set_defaults(func=cmd_keygen)

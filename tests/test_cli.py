@@ -362,3 +362,35 @@ def test_audit_pseudonym_in_production_needs_the_setting(tmp_path: Path) -> None
     assert result.returncode != 0
     assert "CITADEL_AUDIT_PSEUDONYM_KEY" in result.stderr
     assert result.stdout == ""
+
+
+# -- issue 19, items 2 and 3: --version, serve --help, a busy port ---------------------------
+
+
+def test_version_prints_the_package_version_and_exits_0(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    result = run(["--version"], tmp_path)
+    assert (result.returncode, result.stdout) == (0, f"citadel {version('citadel')}\n")
+
+
+def test_serve_help_shows_each_options_default_and_meaning(tmp_path: Path) -> None:
+    result = run(["serve", "--help"], tmp_path)
+    assert result.returncode == 0
+    for text in ("address to listen on (default: 127.0.0.1)", "(default: 8004)", "(default: 1)"):
+        assert text in " ".join(result.stdout.split())
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line_before_it_starts(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(["serve", "--port", str(port)], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [
+        f"citadel: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert "citadel_started" not in result.stdout
