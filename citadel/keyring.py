@@ -281,7 +281,9 @@ def load_keyring(path: Path, *, env: str | None = None) -> Keyring:
     except SettingError as exc:
         raise KeyringError(f"keyring {path} {exc.problem}") from None
     except FileNotFoundError:
-        raise KeyringError(f"keyring {path} does not exist") from None
+        raise KeyringError(
+            f"keyring {path} does not exist (create one with `citadel keyring init`)"
+        ) from None
     except OSError as exc:
         raise KeyringError(f"keyring {path} cannot be read ({exc.strerror})") from None
     return parse_keyring(raw, f"keyring {path}")

@@ -30,6 +30,10 @@ from citadel.providers.base import Provider
 _SLOW_ALGORITHMS = frozenset({"rsa-pkcs1v15-sha256"})
 
 
+# Every provider's ciphertext prefix, enabled here or not (the contract's "Ciphertexts").
+_ALL_PREFIXES = (("ev:", "evervault"), ("cit1:", "local"))
+
+
 class KeyVerdicts:
     """What ``/sign`` learnt about the secret inside a ciphertext, so that it is learnt once.
 
@@ -96,6 +100,13 @@ class Vault:
         for prefix, provider in self._routes:
             if ciphertext.startswith(prefix):
                 return provider
+        for prefix, name in _ALL_PREFIXES:
+            if ciphertext.startswith(prefix):
+                # Says which provider, never anything of the ciphertext beyond its public prefix.
+                raise InvalidCiphertext(
+                    f"The ciphertext is from the {name} provider, which this instance does not "
+                    "decrypt (CITADEL_DECRYPT_PROVIDERS)."
+                )
         raise InvalidCiphertext()
 
     async def encrypt(self, plaintext: str) -> str:

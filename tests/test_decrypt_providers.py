@@ -114,6 +114,16 @@ def test_ev_ciphertext_on_a_local_only_instance_is_400_invalid_ciphertext(
     assert emulator.calls("decrypt") == 0
 
 
+def test_a_ciphertext_of_a_provider_not_enabled_here_says_which_and_the_setting(
+    tmp_path: Path, emulator: EvervaultEmulator
+) -> None:
+    ev_ct = sdk_ciphertext(emulator)
+    with serve_citadel(settings_for(tmp_path)) as s, s.client() as c:
+        detail = call(c, "decrypt", ev_ct).json()["detail"]
+    assert "evervault" in detail and "CITADEL_DECRYPT_PROVIDERS" in detail
+    assert ev_ct[3:20] not in detail
+
+
 @pytest.mark.parametrize("operation", ["decrypt", "sign", "rewrap"])
 def test_local_ciphertext_on_an_evervault_only_instance_is_400_invalid_ciphertext(
     tmp_path: Path, emulator: EvervaultEmulator, operation: str

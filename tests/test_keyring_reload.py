@@ -269,7 +269,9 @@ def test_from_settings_creates_a_development_keyring_and_says_so(
 
 def test_from_settings_without_create_needs_an_existing_keyring(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    with pytest.raises(KeyringError, match="does not exist"):
+    with pytest.raises(
+        KeyringError, match=r"does not exist \(create one with `citadel keyring init`\)"
+    ):
         LocalProvider.from_settings(settings, Metrics(), create=False)
     assert not settings.local_keyring.exists()
 
