@@ -96,6 +96,12 @@ def _cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
+def cmd_check(_args: argparse.Namespace) -> int:
+    from citadel.check import run as run_check
+
+    return run_check()
+
+
 def cmd_keygen(_args: argparse.Namespace) -> int:
     from citadel.security import new_api_key
 
@@ -222,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes (to share rate limits, a redis:// rate-limit storage URI)",
     )
     serve.set_defaults(func=cmd_serve)
+    check = sub.add_parser(
+        "check",
+        help="try everything serve needs, without listening (exit 0 ok, 2 bad setting, 1 down)",
+    )
+    check.set_defaults(func=cmd_check)
     keygen = sub.add_parser("keygen", help="print a new API key and its sha256: form")
     keygen.set_defaults(func=cmd_keygen)
     pseudo = sub.add_parser("audit-pseudonym", help="print the audit pseudonym of a user id")

@@ -182,6 +182,10 @@ class EvervaultProvider:
             attempt += 1
             await asyncio.sleep(delay)
 
+    def probe(self) -> str | None:
+        """One attempt to fetch the app's public key (for ``citadel check``); a problem, or None."""
+        return self._warm_up()
+
     def _warm_up(self) -> str | None:
         """Fetch the app's public key (one encryption does it); a problem's name, or None."""
         try:
