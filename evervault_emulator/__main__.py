@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import signal
 import threading
 from pathlib import Path
@@ -37,6 +39,38 @@ def load_keys(path: Path | None) -> AppKeys:
     return keys
 
 
+DEFAULT_STATE_DIR = Path(".citadel/evervault-emulator")
+
+
+def load_identity(state_dir: Path, app_id: str | None, api_key: str | None) -> tuple[str, str]:
+    """The app id and API key kept in ``state_dir`` (made once), unless given."""
+    path = state_dir / "identity.json"
+    if path.exists():
+        kept = json.loads(path.read_text())
+    else:
+        kept = {
+            "app_id": "app_" + secrets.token_hex(6),
+            "api_key": "ev:key:1:" + secrets.token_urlsafe(24),
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(kept, f)
+    return app_id or str(kept["app_id"]), api_key or str(kept["api_key"])
+
+
+def write_env(state_dir: Path, emu: EvervaultEmulator) -> Path:
+    """The settings Citadel needs for this emulator, as a file to source or pass to --env-file."""
+    path = state_dir / "env"
+    text = (
+        f"EVERVAULT_APP_ID={emu.app_id}\nEVERVAULT_API_KEY={emu.api_key}\n"
+        f"EVERVAULT_API_URL={emu.url}\n"
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m evervault_emulator",
@@ -52,17 +86,41 @@ def main(argv: list[str] | None = None) -> None:
         "--keys-file",
         type=Path,
         help="PEM file with the app's two private keys: read if it exists, else created, "
-        "so ciphertexts survive a restart",
+        "so ciphertexts survive a restart (default: keys.pem in the state directory)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where the app id, API key and private keys are kept across restarts, and the "
+        "env file with Citadel's EVERVAULT_* settings is written (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ephemeral",
+        action="store_true",
+        help="keep nothing: a new identity and new keys at every start",
     )
     args = parser.parse_args(argv)
-    emu = EvervaultEmulator(
-        args.host, args.port, args.app_id, args.api_key, keys=load_keys(args.keys_file)
-    ).start()
+    env_file = None
+    if args.ephemeral:
+        app_id, api_key, keys = args.app_id, args.api_key, load_keys(args.keys_file)
+    else:
+        args.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        app_id, api_key = load_identity(args.state_dir, args.app_id, args.api_key)
+        keys = load_keys(args.keys_file or args.state_dir / "keys.pem")
+    emu = EvervaultEmulator(args.host, args.port, app_id, api_key, keys=keys).start()
     print(
         f"Evervault emulator on {emu.url}  EVERVAULT_APP_ID={emu.app_id}  "
         f"EVERVAULT_API_KEY={emu.api_key}  EVERVAULT_API_URL={emu.url}",
         flush=True,
     )
+    if not args.ephemeral:
+        env_file = write_env(args.state_dir, emu)
+        print(
+            f"identity and keys kept in {args.state_dir}/ (ev: ciphertexts survive a restart); "
+            f"Citadel's settings in {env_file}: `set -a; . {env_file}; set +a`",
+            flush=True,
+        )
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
