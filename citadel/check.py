@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import sys
@@ -154,10 +155,15 @@ def findings() -> list[Finding]:
     return out
 
 
-def run() -> int:
-    """Print one line per item; the exit code: 2 for a bad setting, else 1 for a dependency."""
+def run(*, as_json: bool = False) -> int:
+    """One line per item, or one JSON document; exit 2 for a bad setting, 1 for a dependency."""
     results = findings()
+    codes = {finding.code for finding in results}
+    code = BAD_SETTING if BAD_SETTING in codes else UNREACHABLE if UNREACHABLE in codes else OK
+    if as_json:
+        items = [{"item": f.item, "ok": f.code == OK, "detail": f.text} for f in results]
+        print(json.dumps({"ok": code == OK, "exit_code": code, "items": items}, indent=2))
+        return code
     for finding in results:
         print(f"{finding.item}: {finding.text}")
-    codes = {finding.code for finding in results}
-    return BAD_SETTING if BAD_SETTING in codes else UNREACHABLE if UNREACHABLE in codes else OK
+    return code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -96,10 +97,10 @@ def _cannot_listen(host: str, port: int) -> str | None:
     return None
 
 
-def cmd_check(_args: argparse.Namespace) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from citadel.check import run as run_check
 
-    return run_check()
+    return run_check(as_json=args.json)
 
 
 def cmd_keygen(_args: argparse.Namespace) -> int:
@@ -143,9 +144,30 @@ def _keyring_path(args: argparse.Namespace) -> Path:
     return Path(path) if path else _settings().local_keyring
 
 
-def _show(path: Path) -> None:
+def _show(path: Path, *, as_json: bool = False) -> None:
     ring = load_keyring(path)
     target = resolve(path)
+    if as_json:
+        # For scripts and monitoring: ids, states and dates, never key material.
+        doc = {
+            "path": str(path),
+            "resolved": str(target),
+            "origin": ring.origin,
+            "active": ring.active,
+            "keys": [
+                {
+                    "id": key.id,
+                    "state": ring.state_of(key.id),
+                    "created": key.created,
+                    "activated_at": key.activated_at,
+                    "retired_at": key.retired_at,
+                    "restored_at": key.restored_at,
+                }
+                for key in ring.keys
+            ],
+        }
+        print(json.dumps(doc, indent=2))
+        return
     where = f"{path} -> {target}" if target != path.absolute() else str(path)
     print(f"{where}: origin {ring.origin}, active {ring.active}")
     rows: list[tuple[str, ...]] = [
@@ -169,7 +191,7 @@ def cmd_keyring(args: argparse.Namespace) -> int:
                 return _fail(f"{path} exists; use `citadel keyring rotate` to add a key")
             print(f"created {path} with key {load_keyring(path).active} (active)")
         elif action == "show":
-            _show(path)
+            _show(path, as_json=getattr(args, "json", False))
         elif action == "rotate":
             print(f"added and activated key {rotate_keyring(path)} in {path}")
         elif action == "add":
@@ -232,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="try everything serve needs, without listening (exit 0 ok, 2 bad setting, 1 down)",
     )
+    check.add_argument("--json", action="store_true", help="one JSON document of the items")
     check.set_defaults(func=cmd_check)
     keygen = sub.add_parser("keygen", help="print a new API key and its sha256: form")
     keygen.set_defaults(func=cmd_keygen)
@@ -254,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         one = actions.add_parser(action, help=text)
         if action in ("activate", "retire", "restore"):
             one.add_argument("key_id", metavar="KEY_ID")
+        if action == "show":
+            one.add_argument("--json", action="store_true", help="one JSON document")
         # SUPPRESS: a --path given before the action must not be reset by this default.
         one.add_argument("--path", default=argparse.SUPPRESS, help=path_help)
     ring.set_defaults(func=cmd_keyring)

@@ -100,3 +100,13 @@ def test_check_with_evervault_unreachable_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout
     assert "EVERVAULT_API_URL" in lines_of(result.stdout)["provider evervault"]
     assert "CANARYEVKEY" not in result.stdout + result.stderr
+
+
+def test_check_json_is_one_document_with_each_item_and_the_exit_code(tmp_path: Path) -> None:
+    uri = f"redis://127.0.0.1:{free_port()}/0"
+    result = run(["check", "--json"], tmp_path, CITADEL_RATE_LIMIT_STORAGE_URI=uri)
+    doc = json.loads(result.stdout)
+    assert (result.returncode, doc["ok"], doc["exit_code"]) == (1, False, 1)
+    by_item = {item["item"]: item for item in doc["items"]}
+    assert by_item["rate-limit storage"]["ok"] is False
+    assert by_item["settings"]["ok"] is True

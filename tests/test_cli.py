@@ -394,3 +394,17 @@ def test_serve_on_a_busy_port_says_so_in_one_line_before_it_starts(tmp_path: Pat
         f"citadel: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
     assert "citadel_started" not in result.stdout
+
+
+def test_keyring_show_json_lists_ids_states_and_dates_and_no_key_material(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ring.json"
+    assert run(["keyring", "init", "--path", str(path)], tmp_path).returncode == 0
+    result = run(["keyring", "show", "--json", "--path", str(path)], tmp_path)
+    doc = json.loads(result.stdout)
+    (key,) = doc["keys"]
+    assert (doc["active"], key["id"], key["state"]) == (key["id"], doc["active"], "active")
+    material = json.loads(path.read_text())["keys"][0]
+    secret_values = [v for k, v in material.items() if k not in key and isinstance(v, str)]
+    assert secret_values and not any(v in result.stdout for v in secret_values)
