@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from citadel import signing
-from citadel.audit import fingerprint
 from citadel.errors import InvalidRequest, PayloadTooLarge
 from citadel.metrics import CONTENT_TYPE_LATEST
 from citadel.middleware import OPERATIONS, RequestContext
+from citadel.pseudonyms import fingerprint
 from citadel.service import Vault
 from citadel.status import StatusReport
 

@@ -10,16 +10,18 @@ import structlog
 from fastapi import FastAPI
 
 from citadel.api import Operations, add_status_routes, openapi_document
-from citadel.audit import AuditLog, Pseudonymizer, StreamSink, pseudonym_key, stdout_sink
+from citadel.audit import AuditLog
 from citadel.config import ProviderName, SettingError, Settings
 from citadel.http_errors import install_error_handlers
 from citadel.metrics import Metrics
 from citadel.middleware import BodyDeadlines, CitadelMiddleware
 from citadel.providers.base import Provider
 from citadel.providers.local import LocalProvider
+from citadel.pseudonyms import Pseudonymizer, pseudonym_key
 from citadel.ratelimit import RateLimiter
 from citadel.security import Authenticator, KeyFileWatcher, resolve_api_keys
 from citadel.service import Vault
+from citadel.sinks import StreamSink, stdout_sink
 from citadel.status import VERSION, StatusReport
 
 log = structlog.get_logger("citadel")
@@ -136,7 +138,7 @@ def create_app(
 
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` and for each worker of ``citadel serve --workers N``."""
-    from citadel.audit import configure_logging
+    from citadel.logs import configure_logging
     from citadel.server import GuardedHttpToolsProtocol
 
     settings = Settings()

@@ -25,8 +25,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
-from citadel.providers.base import BreakerState
+
+class BreakerState(StrEnum):
+    """The breaker's three states; also what ``/health`` and the providers report.
+
+    Defined here, beside the transitions, so that every provider (with a
+    breaker or without) reports the same values.
+    """
+
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"
+    OPEN = "open"
+
+    @property
+    def gauge(self) -> int:
+        """The value of ``citadel_breaker_state``: 0 closed, 1 half-open, 2 open."""
+        return {"closed": 0, "half_open": 1, "open": 2}[self.value]
+
 
 Listener = Callable[[BreakerState, BreakerState, float], None]
 
@@ -47,6 +64,12 @@ class Permit:
 
 
 class CircuitBreaker:
+    """Stops calling an upstream that keeps failing, then lets one probe find out if it is back.
+
+    Callers fail fast (``BreakerOpen``) instead of queueing behind timeouts;
+    the transitions are drawn in the module docstring.
+    """
+
     def __init__(
         self,
         *,
@@ -73,6 +96,7 @@ class CircuitBreaker:
 
     @property
     def open_period(self) -> float:
+        """How long an opening lasts; doubled by each failed probe, up to ``reset_max_s``."""
         return self._period
 
     def add_listener(self, listener: Listener) -> None:
@@ -94,6 +118,7 @@ class CircuitBreaker:
         return Permit(probe=True)
 
     def success(self, permit: Permit) -> None:
+        """Upstream answered: the failure count restarts; a successful probe closes the breaker."""
         self._failures = 0
         if permit.probe:
             self._probe_in_flight = False
@@ -101,6 +126,7 @@ class CircuitBreaker:
             self._set_state(BreakerState.CLOSED)
 
     def failure(self, permit: Permit) -> None:
+        """Upstream failed: ``fail_max`` in a row open the breaker; a failed probe reopens it."""
         if permit.probe:
             self._probe_in_flight = False
             self._period = min(self._period * 2, self.reset_max_s)

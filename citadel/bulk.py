@@ -48,7 +48,7 @@ from typing import IO, Any, Final
 
 import httpx
 
-from citadel.audit import fingerprint  # the audit log's ct_fp: a reject ties to its event
+from citadel.pseudonyms import fingerprint  # the audit log's ct_fp: a reject ties to its event
 from citadel_client import AsyncCitadelClient
 from citadel_client.errors import (
     CitadelConnectionError,

@@ -64,7 +64,7 @@ def _api_keys(settings: Settings) -> str:
 
 
 def _pseudonym_key(settings: Settings) -> str:
-    from citadel.audit import pseudonym_key
+    from citadel.pseudonyms import pseudonym_key
 
     if settings.audit_pseudonym_key is None and settings.env == "development":
         return f"ok (development key in {settings.dev_dir / 'audit-pseudonym.key'})"

@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from citadel.app import create_app
-    from citadel.audit import configure_logging
+    from citadel.logs import configure_logging
 
     settings = _settings()
     configure_logging(settings)
@@ -113,7 +113,7 @@ def cmd_keygen(_args: argparse.Namespace) -> int:
 
 
 def cmd_audit_pseudonym(args: argparse.Namespace) -> int:
-    from citadel.audit import Pseudonymizer, pseudonym_key
+    from citadel.pseudonyms import Pseudonymizer, pseudonym_key
 
     settings = _settings()
     if settings.audit_pseudonym_key is not None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from citadel.audit import AuditLog, Pseudonymizer, safe_exception_text
+from citadel.audit import AuditLog
 from citadel.errors import (
     AuditUnavailable,
     CitadelError,
@@ -41,7 +41,9 @@ from citadel.errors import (
     Unauthenticated,
 )
 from citadel.http_errors import MethodNotAllowed, error_parts
+from citadel.logs import safe_exception_text
 from citadel.metrics import Metrics
+from citadel.pseudonyms import Pseudonymizer
 from citadel.security import Authenticator
 from citadel.server import REFUSED, VALID_REQUEST_ID
 from citadel.server import REQUEST_ID as REQUEST_ID_KEY

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from citadel.breaker import BreakerState
 from citadel.metrics import Metrics
-from citadel.providers.base import BreakerState, Provider
+from citadel.providers.base import Provider
 
 if TYPE_CHECKING:
     from citadel.audit import AuditLog
@@ -46,6 +47,7 @@ class StatusReport:
         return BreakerState.CLOSED
 
     def ready(self) -> bool:
+        """What ``/ready`` answers: a request sent now could be served and audited."""
         return (
             all(p.ready() for p in self.providers)
             and self._breaker() is not BreakerState.OPEN
@@ -53,6 +55,7 @@ class StatusReport:
         )
 
     def body(self) -> dict[str, Any]:
+        """The ``/health`` body: degraded when not ready or when the rate limiter runs degraded."""
         degraded = not self.ready() or (self.limiter is not None and self.limiter.degraded)
         return {
             "status": "degraded" if degraded else "healthy",
@@ -64,6 +67,7 @@ class StatusReport:
         }
 
     def refresh_gauges(self) -> None:
+        """Set the breaker and limiter gauges from the live parts, so a scrape sees them now."""
         for provider in self.providers:
             self.metrics.breaker_state.labels(provider.name).set(provider.breaker_state().gauge)
         if self.limiter is not None:

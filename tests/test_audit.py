@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from support import PSEUDONYM_KEY, Served, headers
 
-from citadel.audit import Pseudonymizer, fingerprint, redact
+from citadel.logs import redact
+from citadel.pseudonyms import Pseudonymizer, fingerprint
 
 FIELDS = {
     "timestamp",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from citadel.breaker import BreakerOpen, CircuitBreaker
-from citadel.providers.base import BreakerState
+from citadel.breaker import BreakerOpen, BreakerState, CircuitBreaker
 
 
 class Clock:

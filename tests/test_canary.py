@@ -13,7 +13,7 @@ import httpx
 import pytest
 from support import KEYS, make_settings, serve_citadel
 
-from citadel.audit import configure_logging
+from citadel.logs import configure_logging
 
 PLAIN = "CANARYPLAIN7f3a9"
 USER = "CANARYUSER5b2c"

@@ -26,7 +26,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from support import KEYS, Served, headers, make_settings, serve_citadel, wait_until
 
-from citadel.providers.base import BreakerState
+from citadel.breaker import BreakerState
 
 ALL_OPS = {"sentinel": ["encrypt"], "conductor": ["decrypt", "sign", "rewrap"]}
 CALLER_OF = {
@@ -673,7 +673,7 @@ class ExplodingProvider:
 def test_an_unhandled_error_is_500_and_logged_with_type_and_frames_not_its_message(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from citadel.audit import configure_logging
+    from citadel.logs import configure_logging
 
     settings = make_settings(tmp_path)
     configure_logging(settings)

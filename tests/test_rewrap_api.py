@@ -381,7 +381,7 @@ def test_rewrap_into_evervault_while_evervault_is_unreachable_is_503(tmp_path: P
 def test_no_plaintext_canary_on_any_rewrap_path(
     tmp_path: Path, emulator: EvervaultEmulator, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from citadel.audit import configure_logging
+    from citadel.logs import configure_logging
 
     canary = "CANARYREWRAP5e6f7a"
     keyring = tmp_path / "keyring.json"

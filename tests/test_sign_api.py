@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from support import KEYS, PSEUDONYM_KEY, Served, headers, make_settings, serve_citadel, wait_until
 
-from citadel.audit import configure_logging
+from citadel.logs import configure_logging
 from evervault_emulator import EvervaultEmulator
 
 ACL = {

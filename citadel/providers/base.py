@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Protocol
 
-
-class BreakerState(StrEnum):
-    CLOSED = "closed"
-    HALF_OPEN = "half_open"
-    OPEN = "open"
-
-    @property
-    def gauge(self) -> int:
-        """The value of ``citadel_breaker_state``: 0 closed, 1 half-open, 2 open."""
-        return {"closed": 0, "half_open": 1, "open": 2}[self.value]
+from citadel.breaker import BreakerState
 
 
 class Provider(Protocol):

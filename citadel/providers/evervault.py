@@ -32,11 +32,10 @@ import structlog
 from evervault import Client
 from requests.adapters import HTTPAdapter
 
-from citadel.breaker import BreakerOpen, CircuitBreaker
+from citadel.breaker import BreakerOpen, BreakerState, CircuitBreaker
 from citadel.config import Settings
 from citadel.errors import InvalidCiphertext, ProviderUnavailable
 from citadel.metrics import Metrics
-from citadel.providers.base import BreakerState
 
 log = structlog.get_logger("citadel")
 
@@ -90,6 +89,11 @@ def _retry_after(value: str | None) -> int:
 
 
 class EvervaultProvider:
+    """Local encryption through the SDK, decryption through Evervault behind a breaker.
+
+    Wraps the SDK rather than using it bare, for the reasons in the module docstring.
+    """
+
     name = "evervault"
     prefix = "ev:"
 
@@ -115,6 +119,7 @@ class EvervaultProvider:
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics) -> EvervaultProvider:
+        """The SDK client and breaker from settings; the SDK's retries off (the breaker decides)."""
         # Settings refuse an evervault provider without both credentials.
         assert settings.evervault_app_id and settings.evervault_api_key is not None
         client = Client(
@@ -153,9 +158,11 @@ class EvervaultProvider:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        """Fetch the app's public key in the background, so start-up never waits on Evervault."""
         self._fetch_task = asyncio.create_task(self._fetch_key_until_ready())
 
     async def aclose(self) -> None:
+        """Stop the key fetch and the decrypt threads."""
         if self._fetch_task is not None:
             self._fetch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,9 +170,11 @@ class EvervaultProvider:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> bool:
+        """True once the public key is loaded: until then ``encrypt`` refuses."""
         return self._ready
 
     def breaker_state(self) -> BreakerState:
+        """The decrypt breaker's state (encryption is local and has none)."""
         return self.breaker.state
 
     async def _fetch_key_until_ready(self) -> None:
@@ -207,6 +216,7 @@ class EvervaultProvider:
     # -- operations ----------------------------------------------------------
 
     async def encrypt(self, plaintext: str) -> str:
+        """Encrypt locally; ``ProviderUnavailable`` until the public key is loaded."""
         if not self._ready:
             self._count("encrypt", "rejected")
             raise ProviderUnavailable("The Evervault public key is not loaded yet.", retry_after=1)
@@ -221,6 +231,11 @@ class EvervaultProvider:
         return ciphertext
 
     async def decrypt(self, ciphertext: str) -> str:
+        """Ask Evervault in the thread pool, through the breaker; only upstream failures count.
+
+        A malformed ciphertext is refused before any call, and answers the
+        caller is at fault for (rejected, rate-limited) count as successes.
+        """
         if not EV_SHAPE.match(ciphertext):
             self._count("decrypt", "invalid")
             raise InvalidCiphertext()

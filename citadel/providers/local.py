@@ -32,10 +32,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from citadel.breaker import BreakerState
 from citadel.config import SettingError, Settings
 from citadel.errors import InvalidCiphertext, KeyRetired
 from citadel.keyring import KEY_ID, Keyring, KeyringError, create_keyring, load_keyring, resolve
-from citadel.providers.base import BreakerState
 
 if TYPE_CHECKING:
     from citadel.metrics import Metrics
@@ -81,9 +81,11 @@ class XAES256GCM:
         return AESGCM(self._aes_blocks(blocks))
 
     def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """Seal ``plaintext`` under the key derived from the 24-byte ``nonce``, with ``aad``."""
         return self._derive(nonce).encrypt(nonce[12:], plaintext, aad)
 
     def decrypt(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """Open what :meth:`encrypt` sealed; cryptography's ``InvalidTag`` if anything changed."""
         return self._derive(nonce).decrypt(nonce[12:], ciphertext, aad)
 
 
@@ -95,6 +97,7 @@ Stamp = tuple[str, int, int, int, int, int, int]
 
 
 def file_stamp(path: Path) -> Stamp | None:
+    """What identifies the file behind ``path`` now (see ``Stamp``); None if it cannot be read."""
     target = str(resolve(path))
     try:
         st = os.stat(target)
@@ -218,17 +221,21 @@ class LocalProvider:
 
     @property
     def active_key_id(self) -> str:
+        """The id of the key new ciphertexts are made under."""
         return self._view.keyring.active
 
     @property
     def keyring(self) -> Keyring:
+        """The keyring in force; replaced whole when the file changes, never edited in place."""
         return self._view.keyring
 
     async def start(self) -> None:
+        """Watch the keyring file, if there is one; the keys themselves are already in memory."""
         if self._path is not None and self._watch_task is None:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     async def aclose(self) -> None:
+        """Stop watching the keyring file."""
         for task in (self._watch_task, self._next_reread):
             if task is not None:
                 task.cancel()
@@ -237,15 +244,23 @@ class LocalProvider:
         self._watch_task = self._next_reread = None
 
     def ready(self) -> bool:
+        """Always True: the keyring is loaded when the provider is built."""
         return True
 
     def breaker_state(self) -> BreakerState:
+        """Always closed: there is no upstream to guard."""
         return BreakerState.CLOSED
 
     async def encrypt(self, plaintext: str) -> str:
+        """Encrypt under the active key; microseconds of CPU, so it runs on the event loop."""
         return self.encrypt_sync(plaintext)
 
     async def decrypt(self, ciphertext: str) -> str:
+        """Decrypt under the key the header names; an unknown key id rereads the file first.
+
+        A key added to the file since it was read (a rotation seen by another
+        instance first) is found without waiting for the watcher.
+        """
         kid, body = _split(ciphertext)
         view = self._view
         cipher = view.ciphers.get(kid)
@@ -259,6 +274,7 @@ class LocalProvider:
         return self._open(kid, cipher, body)
 
     def encrypt_sync(self, plaintext: str) -> str:
+        """:meth:`encrypt` without the coroutine, for callers that run no event loop."""
         view = self._view
         nonce = os.urandom(NONCE_BYTES)
         sealed = view.active_cipher.encrypt(nonce, plaintext.encode(), view.header_bytes)

@@ -216,7 +216,7 @@ def test_start_up_with_upstream_down_then_recovery(tmp_path: Path) -> None:
 def test_wrong_credentials_show_as_not_ready_and_name_the_problem(
     tmp_path: Path, emulator: EvervaultEmulator, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from citadel.audit import configure_logging
+    from citadel.logs import configure_logging
 
     wrong = "ev:key:CANARY-WRONG-KEY-0001"
     settings = ev_settings(tmp_path, emulator, evervault_api_key=wrong)
@@ -310,7 +310,7 @@ def test_the_unguarded_sdk_pairs_one_calls_key_with_anothers_header(
 def test_no_canary_on_evervault_error_paths(
     tmp_path: Path, emulator: EvervaultEmulator, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from citadel.audit import configure_logging
+    from citadel.logs import configure_logging
 
     canary = "CANARY-EV-PLAINTEXT-31"
     settings = ev_settings(
