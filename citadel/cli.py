@@ -10,7 +10,6 @@ from pathlib import Path
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from citadel import bulk
 from citadel.config import SettingError, Settings, describe_settings_error
 from citadel.keyring import (
     Key,
@@ -21,6 +20,7 @@ from citadel.keyring import (
     resolve,
     rotate_keyring,
 )
+from citadel_client import bulk  # `citadel rewrap` is the client's citadel-rewrap
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 1  # something serve needs (its address) cannot be had

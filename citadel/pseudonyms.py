@@ -15,6 +15,11 @@ import secrets
 from citadel.config import SettingError, Settings, read_secret_file
 from citadel.fileio import create_once
 
+# Defined once, in the client distribution: the bulk tool's rejects carry the same ct_fp.
+from citadel_client.fingerprint import fingerprint
+
+__all__ = ["Pseudonymizer", "fingerprint", "pseudonym_key"]
+
 
 class Pseudonymizer:
     """``u_`` and the first 16 hex digits of HMAC-SHA256(key, user id).
@@ -57,13 +62,3 @@ def pseudonym_key(settings: Settings) -> bytes:
         raise SettingError(
             "CITADEL_AUDIT_PSEUDONYM_KEY", f"is unset and {path} is unreadable"
         ) from None
-
-
-def fingerprint(data: str | bytes) -> str:
-    """``ct_fp`` and ``msg_fp``: the first 16 hex digits of the SHA-256 of ``data``.
-
-    A ``str`` (a ciphertext) is hashed as UTF-8, lone surrogates passed through,
-    since a JSON string may hold one.
-    """
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    return hashlib.sha256(raw).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""``citadel rewrap`` (citadel/bulk.py) against a small fake of POST /rewrap.
+"""``citadel rewrap`` (client/citadel_client/bulk/) against a small fake of POST /rewrap.
 
 The fake follows the contract: ``cit1:oldkid01:<x>`` comes back as
 ``cit1:newkid01:<x>``; a ciphertext containing "bad" is 400 invalid_ciphertext,
@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 from support import FakeTime, serve_app, wait_until
 
-from citadel import bulk
 from citadel.cli import build_parser
-from citadel_client import AsyncCitadelClient
+from citadel_client import AsyncCitadelClient, bulk
+from citadel_client.bulk import cli as bulk_cli
 
 API_KEY = "CANARY-BULK-API-KEY-4d2a"
 OLD, NEW = "cit1:oldkid01:", "cit1:newkid01:"
@@ -658,7 +658,7 @@ def test_progress_bar_only_on_a_terminal() -> None:
         def isatty(self) -> bool:
             return True
 
-    bar = bulk._progress(Terminal(), 1000, 0, 0)
+    bar = bulk_cli._progress(Terminal(), 1000, 0, 0)
     assert type(bar).__name__ == "tqdm"
     bar.close()
-    assert isinstance(bulk._progress(io.StringIO(), 1000, 0, 0), bulk._NoProgress)
+    assert isinstance(bulk_cli._progress(io.StringIO(), 1000, 0, 0), bulk_cli._NoProgress)

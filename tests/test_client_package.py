@@ -14,12 +14,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from support import KEYS, Served
+from support import KEYS, Served, make_settings, serve_citadel
 
 import citadel
 import citadel.client
@@ -136,10 +137,21 @@ def _requirement_closure(root: str, site_packages: str) -> set[str]:
     return seen
 
 
-@pytest.mark.slow
-def test_client_installs_alone_and_talks_to_a_live_citadel(
-    tmp_path: Path, citadel: Served, capsys: pytest.CaptureFixture[str]
-) -> None:
+@dataclass(frozen=True)
+class ClientVenv:
+    """A fresh virtual environment with ./client installed alone, as a caller's would be."""
+
+    python: Path
+    before: dict[str, str]  # pip list before the install
+    after: dict[str, str]
+    site_packages: str
+    outside: Path  # a working directory outside the repository
+
+
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory: pytest.TempPathFactory) -> ClientVenv:
+    """Built once per module (a minute): every client-only test shares it."""
+    tmp_path = tmp_path_factory.mktemp("client-venv")
     # A copy, so that the build leaves nothing in the work tree.
     source = tmp_path / "client-src"
     shutil.copytree(
@@ -171,7 +183,15 @@ def test_client_installs_alone_and_talks_to_a_live_citadel(
         capture_output=True,
         text=True,
     ).stdout.strip()
+    return ClientVenv(python, before, after, site_packages, tmp_path)
 
+
+@pytest.mark.slow
+def test_client_installs_alone_and_talks_to_a_live_citadel(
+    client_venv: ClientVenv, citadel: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    python, before, after = client_venv.python, client_venv.before, client_venv.after
+    site_packages, tmp_path = client_venv.site_packages, client_venv.outside
     added = set(after) - set(before)
     assert "httpx" in added
     assert added == _requirement_closure("citadel-client", site_packages)
@@ -201,3 +221,64 @@ def test_client_installs_alone_and_talks_to_a_live_citadel(
     assert "CANARY-PACKAGE-SECRET-31" not in run.stdout + run.stderr
     operations = [e["operation"] for e in citadel.audit.events()]
     assert operations == ["encrypt", "decrypt", "decrypt", "decrypt"]
+
+
+BULK_IMPORT_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, sys
+    import citadel_client.bulk
+    from citadel_client.bulk import main
+
+    for name in ("citadel", "pydantic", "pydantic_settings", "limits", "structlog", "fastapi",
+                 "uvicorn", "cryptography"):
+        assert importlib.util.find_spec(name) is None, name
+        assert name not in sys.modules, name
+    print("bulk importable")
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_bulk_tool_runs_from_a_client_only_install(
+    client_venv: ClientVenv, tmp_path: Path
+) -> None:
+    env = {"PATH": os.environ.get("PATH", "")}
+    where = {"env": env, "cwd": client_venv.outside, "capture_output": True, "text": True}
+    run = subprocess.run([str(client_venv.python), "-c", BULK_IMPORT_SCRIPT], timeout=60, **where)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "bulk importable"
+    script = client_venv.python.parent / "citadel-rewrap"
+    for argv in (
+        [str(script), "--help"],
+        [str(client_venv.python), "-m", "citadel_client.bulk", "-h"],
+    ):
+        run = subprocess.run(argv, timeout=60, **where)
+        assert run.returncode == 0, run.stderr
+        assert "--api-key-file" in run.stdout and "--resume" in run.stdout
+    assert subprocess.run([str(script), "--help"], timeout=60, **where).stdout.startswith(
+        "usage: citadel-rewrap "
+    )
+
+    # And a real run, against a live Citadel, from that environment alone.
+    settings = make_settings(
+        tmp_path, acl={"sentinel": ["encrypt"], "conductor": ["decrypt"], "alchemist": ["rewrap"]}
+    )
+    with serve_citadel(settings) as served:
+        with citadel_client.CitadelClient(served.url, KEYS["sentinel"]) as sentinel:
+            rows = [{"id": n, "encrypted_data": sentinel.encrypt(f"secret-{n}")} for n in (1, 2)]
+        src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        src.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        run = subprocess.run(
+            [str(script), str(src), "-o", str(out), "--url", served.url],
+            env={**env, "CITADEL_API_KEY": KEYS["alchemist"]},
+            cwd=client_venv.outside,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        # The first answer names the active key; the second row is already under it.
+        assert "citadel-rewrap: 1 rewrapped, 1 passed through, 0 rejected" in run.stderr
+        kept = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [row["id"] for row in kept] == [1, 2]
+        assert [e["operation"] for e in served.audit.events()][-1] == "rewrap"

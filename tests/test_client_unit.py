@@ -6,9 +6,11 @@ import copy
 import gc
 import json
 import pickle
+import re
 import traceback
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,17 +26,23 @@ from citadel_client import (
     Plaintext,
 )
 from citadel_client.errors import (
+    BadRequest,
     CitadelError,
     Forbidden,
+    HeadersTooLarge,
+    InternalError,
     InvalidCiphertext,
     InvalidKey,
     InvalidRequest,
     KeyRetired,
+    MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
     ProviderUnavailable,
     RateLimited,
     RequestTimeout,
     Unauthenticated,
+    error_for_code,
 )
 
 KEY = "CANARY-API-KEY-5f1e9c"
@@ -43,6 +51,7 @@ OK_ENCRYPT = {"encrypted_data": "ct:1"}
 OK_DECRYPT = {"plaintext": SECRET}
 OK_SIGN = {"signature": "c0ffee"}
 OK_REWRAP = {"encrypted_data": "cit1:newkid01:AAAA"}
+ROOT = Path(__file__).resolve().parent.parent
 
 CONTRACT_ERRORS = [
     (401, "unauthenticated", Unauthenticated),
@@ -52,8 +61,13 @@ CONTRACT_ERRORS = [
     (400, "invalid_ciphertext", InvalidCiphertext),
     (400, "key_retired", KeyRetired),
     (400, "invalid_key", InvalidKey),
+    (400, "bad_request", BadRequest),
+    (404, "not_found", NotFound),
+    (405, "method_not_allowed", MethodNotAllowed),
     (408, "request_timeout", RequestTimeout),
     (429, "rate_limited", RateLimited),
+    (431, "headers_too_large", HeadersTooLarge),
+    (500, "internal_error", InternalError),
     (503, "provider_unavailable", ProviderUnavailable),
 ]
 NOT_RETRIED = [row for row in CONTRACT_ERRORS if row[0] not in (429, 503)]
@@ -191,6 +205,24 @@ def test_each_contract_code_raises_its_class(
     assert exc.value.retry_after == 60
     assert exc.value.detail == "Fixed text."
     assert fake.waits == []
+
+
+def test_every_code_of_the_readme_error_table_has_its_class() -> None:
+    # The README's table is the contract; a code it lists must never reach a caller
+    # as "unexpected answer".
+    table = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| ([0-9, ]+) \| (`[a-z_]+`(?:, `[a-z_]+`)*) \|", table, re.M)
+    listed = {
+        (int(status), code.strip("` "))
+        for statuses, codes in rows
+        for status, code in zip(statuses.split(","), codes.split(","), strict=True)
+    }
+    assert len(listed) >= 14  # the regex still reads the table (14 rows in 2.1.0)
+    assert {(status, code) for status, code, _ in CONTRACT_ERRORS} >= listed
+    for status, code in listed:
+        cls = error_for_code(code)
+        assert cls is not CitadelError, code
+        assert (cls.status, cls.code) == (status, code)
 
 
 @pytest.mark.parametrize(

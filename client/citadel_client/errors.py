@@ -5,7 +5,9 @@ re-exports it as ``citadel.errors``, raises it from the service layer and maps
 it to HTTP in one handler) and the client (raised from a response's ``code``),
 so a caller catches by meaning, never by message text::
 
-    CitadelError
+    CitadelError               500 internal_error        (the base: an unknown code or answer)
+    ├── InternalError          500 internal_error        (Citadel failed on its side)
+    ├── BadRequest             400 bad_request           (not HTTP/1.1 or untrustworthy framing)
     ├── Unauthenticated        401 unauthenticated
     ├── Forbidden              403 forbidden
     ├── PayloadTooLarge        413 payload_too_large
@@ -13,7 +15,10 @@ so a caller catches by meaning, never by message text::
     ├── InvalidCiphertext      400 invalid_ciphertext
     ├── KeyRetired             400 key_retired
     ├── InvalidKey             400 invalid_key           (/sign: the secret is not such a key)
+    ├── NotFound               404 not_found
+    ├── MethodNotAllowed       405 method_not_allowed
     ├── RequestTimeout         408 request_timeout
+    ├── HeadersTooLarge        431 headers_too_large
     ├── RateLimited            429 rate_limited          (retry_after)
     └── ProviderUnavailable    503 provider_unavailable  (retry_after)
     │   └── AuditUnavailable   503 provider_unavailable  (the audit log, not the provider)
@@ -30,13 +35,18 @@ from typing import ClassVar
 
 __all__ = [
     "AuditUnavailable",
+    "BadRequest",
     "CitadelConnectionError",
     "CitadelError",
     "Forbidden",
+    "HeadersTooLarge",
+    "InternalError",
     "InvalidCiphertext",
     "InvalidKey",
     "InvalidRequest",
     "KeyRetired",
+    "MethodNotAllowed",
+    "NotFound",
     "PayloadTooLarge",
     "ProviderUnavailable",
     "RateLimited",
@@ -75,6 +85,26 @@ class CitadelError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.detail}"
+
+
+class InternalError(CitadelError):
+    """Citadel failed on its side (a bug or a fault, not the request); the body says no more."""
+
+    code = "internal_error"
+    status = 500
+    default_detail = "Internal error."
+
+
+class BadRequest(CitadelError):
+    """The request was not valid HTTP/1.1, or its framing could not be trusted.
+
+    Citadel's HTTP parser refused it and closed the connection; a client sending
+    well-formed requests (this one does) should never see it.
+    """
+
+    code = "bad_request"
+    status = 400
+    default_detail = "The request is not valid HTTP/1.1."
 
 
 class Unauthenticated(CitadelError):
@@ -122,10 +152,34 @@ class InvalidKey(CitadelError):
     default_detail = "The decrypted secret is not a key of this algorithm and key_encoding."
 
 
+class NotFound(CitadelError):
+    """No such path (a trailing slash included: Citadel never redirects)."""
+
+    code = "not_found"
+    status = 404
+    default_detail = "Not Found."
+
+
+class MethodNotAllowed(CitadelError):
+    """A method the path does not take (the operations take POST only)."""
+
+    code = "method_not_allowed"
+    status = 405
+    default_detail = "Method Not Allowed."
+
+
 class RequestTimeout(CitadelError):
     code = "request_timeout"
     status = 408
     default_detail = "The request body did not arrive in time."
+
+
+class HeadersTooLarge(CitadelError):
+    """The request headers (or a chunked body's trailers) were over 64 KiB."""
+
+    code = "headers_too_large"
+    status = 431
+    default_detail = "The request headers are over 64 KiB."
 
 
 class RateLimited(CitadelError):
@@ -167,6 +221,8 @@ class CitadelConnectionError(CitadelError):
 _BY_CODE: dict[str, type[CitadelError]] = {
     cls.code: cls
     for cls in (
+        InternalError,
+        BadRequest,
         Unauthenticated,
         Forbidden,
         PayloadTooLarge,
@@ -174,7 +230,10 @@ _BY_CODE: dict[str, type[CitadelError]] = {
         InvalidCiphertext,
         KeyRetired,
         InvalidKey,
+        NotFound,
+        MethodNotAllowed,
         RequestTimeout,
+        HeadersTooLarge,
         RateLimited,
         ProviderUnavailable,
     )

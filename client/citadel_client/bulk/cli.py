@@ -1,0 +1,331 @@
+"""The command line: ``citadel-rewrap`` (and the server's ``citadel rewrap``, the same parser)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, Final
+
+import httpx
+
+from citadel_client.bulk.files import UsageError, partial_path, replace_with, resume_from
+from citadel_client.bulk.lines import target_prefix
+from citadel_client.bulk.run import (
+    DEFAULT_URL,
+    EXIT_ABORTED,
+    EXIT_INTERRUPTED,
+    Outcome,
+    Rewrapper,
+    Sink,
+)
+from citadel_client.client import AsyncCitadelClient
+from citadel_client.transport import AsyncKeepAliveTransport
+
+API_KEY_ENV: Final = "CITADEL_API_KEY"
+MAX_CONCURRENCY: Final = 64  # under httpx's default pool of 100 connections
+
+
+class _RefuseKeyOnCommandLine(argparse.Action):
+    """``--api-key VALUE`` is refused without echoing VALUE (argparse's own error would)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kw: Any) -> None:
+        parser.error(
+            "the API key is never taken from the command line (process lists and shell "
+            f"history keep it): use --api-key-file FILE or ${API_KEY_ENV}"
+        )
+
+
+PROG: Final = "citadel-rewrap"
+_HELP: Final = "rewrap the ciphertexts of a JSON-lines file under the active key"
+_DESCRIPTION: Final = (
+    "Read JSON lines with an encrypted_data field, rewrap each ciphertext through "
+    f"a running Citadel, write the same lines in order. The API key comes from "
+    f"--api-key-file or ${API_KEY_ENV}, never from the command line. "
+    "Exit status: 0 done, 1 done with rejected lines, 2 aborted (resumable with "
+    "--resume) or unusable arguments, 130 interrupted. See docs/bulk-rewrap.md."
+)
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser of ``citadel-rewrap``, the client distribution's console script."""
+    # No abbreviations: "--api-key" must not quietly mean "--api-key-file".
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=_DESCRIPTION)
+    _add_arguments(p)
+    return p
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``rewrap`` on another CLI's subparsers (the server's ``citadel rewrap``).
+
+    The same arguments and the same :func:`execute` as ``citadel-rewrap``: one tool,
+    reachable from either distribution's command.
+    """
+    p = sub.add_parser("rewrap", allow_abbrev=False, help=_HELP, description=_DESCRIPTION)
+    _add_arguments(p)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", nargs="?", help="JSON-lines file (default: standard input)")
+    p.add_argument("--output", "-o", help="output file (default: standard output)")
+    p.add_argument(
+        "--rejects",
+        help="rejects file (default: OUTPUT.rejects; required when writing to standard output)",
+    )
+    p.add_argument("--url", default=DEFAULT_URL, help=f"Citadel's base URL (default {DEFAULT_URL})")
+    p.add_argument("--api-key-file", help=f"file holding the API key (default: ${API_KEY_ENV})")
+    p.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--concurrency", type=int, default=16, help="calls in flight at most (default 16)"
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=120.0,
+        help="seconds one line may take with its retries (default 120)",
+    )
+    p.add_argument(
+        "--skip-prefix",
+        help="pass through ciphertexts starting with this (e.g. cit1:<active key id>:) "
+        "without a call; by default learned from the first answer",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from OUTPUT.partial, left by an interrupted run on the same input",
+    )
+    # The messages start with the command's own name: "citadel rewrap" or "citadel-rewrap".
+    p.set_defaults(func=cmd_rewrap, rewrap_prog=p.prog)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``citadel-rewrap``: parse the command line and run; returns the exit status."""
+    return execute(build_parser().parse_args(argv))
+
+
+def _api_key(args: argparse.Namespace) -> str:
+    if args.api_key_file:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --api-key-file: {type(exc).__name__}") from None
+        if not key:
+            raise UsageError("--api-key-file is empty")
+        return key
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if not key:
+        raise UsageError(f"no API key: set {API_KEY_ENV} or pass --api-key-file FILE")
+    return key
+
+
+ClientFactory = Callable[[str, str, float], AsyncCitadelClient]
+
+
+def _default_client(url: str, api_key: str, deadline: float) -> AsyncCitadelClient:
+    # One lean kept-alive connection per client, one client per lane (see Rewrapper):
+    # httpx's default transport costs more CPU per call than Citadel's answer.
+    transport = AsyncKeepAliveTransport(ssl_context=_tls_context())
+    return AsyncCitadelClient(url, api_key, deadline=deadline, transport=transport)
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Shared by the lanes: loading the CA store costs ~20 ms each.
+    return ssl.create_default_context()
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    """The subcommand's ``func``: what ``citadel rewrap`` calls once parsed."""
+    return execute(args)
+
+
+def execute(
+    args: argparse.Namespace,
+    *,
+    make_client: ClientFactory = _default_client,
+    stdin: IO[bytes] | None = None,
+    stdout: IO[bytes] | None = None,
+    stderr: IO[str] | None = None,
+    handle_signals: bool = True,
+) -> int:
+    """Run the tool on parsed arguments; the keyword arguments are for tests (a fast retry
+    clock, pipes)."""
+    err = stderr or sys.stderr
+    name = getattr(args, "rewrap_prog", "citadel rewrap")
+
+    def say(text: str) -> None:
+        print(f"{name}: {text}", file=err, flush=True)
+
+    try:
+        return _execute(args, make_client, stdin, stdout, err, say, handle_signals)
+    except UsageError as exc:
+        say(str(exc))
+        return EXIT_ABORTED
+
+
+def _execute(
+    args: argparse.Namespace,
+    make_client: ClientFactory,
+    stdin: IO[bytes] | None,
+    stdout: IO[bytes] | None,
+    err: IO[str],
+    say: Callable[[str], None],
+    handle_signals: bool,
+) -> int:
+    if not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        raise UsageError(f"--concurrency must be 1 to {MAX_CONCURRENCY}")
+    if not args.deadline > 0:
+        raise UsageError("--deadline must be positive")
+    if args.skip_prefix is not None and target_prefix(args.skip_prefix) != args.skip_prefix:
+        # A wrong prefix would pass lines through unrewrapped: only the two exact forms.
+        raise UsageError("--skip-prefix must be cit1:<key id>: or ev:")
+    try:
+        url = httpx.URL(args.url)
+    except httpx.InvalidURL:
+        raise UsageError("--url is not a URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise UsageError("--url must be an http:// or https:// URL")
+    # Messages name Citadel's address, never a password in it.
+    shown_url = str(url.copy_with(username=None, password=None))
+    output = Path(args.output) if args.output else None
+    if output is None and not args.rejects:
+        raise UsageError("--rejects FILE is required when writing to standard output")
+    if output is None and args.resume:
+        raise UsageError("--resume needs --output: standard output cannot be resumed")
+    rejects = Path(args.rejects) if args.rejects else Path(f"{output}.rejects")
+    if output is not None and rejects.resolve() == output.resolve():
+        raise UsageError("--rejects and --output must be different files")
+    api_key = _api_key(args)
+    try:
+        clients = [make_client(args.url, api_key, args.deadline) for _ in range(args.concurrency)]
+    except ValueError:
+        raise UsageError("the API key must be printable ASCII") from None
+
+    with contextlib.ExitStack() as stack:
+        if args.input:
+            try:
+                source: IO[bytes] = stack.enter_context(open(args.input, "rb"))
+            except OSError as exc:
+                raise UsageError(f"cannot read {args.input}: {exc.strerror}") from None
+            size = os.fstat(source.fileno()).st_size
+        else:
+            source, size = stdin or sys.stdin.buffer, 0
+
+        rejects_partial = partial_path(rejects)
+        out_partial = partial_path(output) if output is not None else None
+        kept = kept_rejects = 0
+        try:
+            if out_partial is not None:
+                if args.resume and out_partial.exists():
+                    kept, kept_rejects = resume_from(out_partial, rejects_partial, source)
+                    out: IO[bytes] = stack.enter_context(open(out_partial, "ab"))
+                else:
+                    if args.resume:
+                        say(f"nothing to resume ({out_partial.name} does not exist); starting")
+                    # "x": a partial file means an interrupted run; never overwrite it unasked.
+                    out = stack.enter_context(open(out_partial, "xb"))
+            else:
+                out = stdout or sys.stdout.buffer
+            rej: IO[bytes] = stack.enter_context(open(rejects_partial, "ab" if kept else "wb"))
+        except FileExistsError as exc:
+            raise UsageError(
+                f"{Path(exc.filename).name} exists: an interrupted run left it; "
+                "add --resume to go on, or delete it to start again"
+            ) from None
+        except OSError as exc:
+            raise UsageError(f"cannot write {exc.filename}: {exc.strerror}") from None
+
+        progress = _progress(err, size, source.tell() if size else 0, kept)
+        stack.callback(progress.close)
+        rewrapper = Rewrapper(
+            clients,
+            Sink(out, rej),
+            skip_prefix=args.skip_prefix,
+            url=shown_url,
+            on_line=progress.update,
+            warn=say,
+        )
+        rewrapper.counts.resumed = kept
+        rewrapper.counts.rejected = kept_rejects
+        outcome = asyncio.run(_main(rewrapper, source, kept + 1, handle_signals))
+        progress.close()
+
+        if outcome.message is None:
+            replace_with(rejects_partial, rejects, rej)
+            if output is not None and out_partial is not None:
+                # Last: the finished output's presence means the run is complete.
+                replace_with(out_partial, output, out)
+            say(f"{outcome.counts.summary()}; rejects in {rejects}")
+            return outcome.exit_code
+        say(f"aborted: {outcome.message}")
+        where = out_partial or "standard output"
+        say(
+            f"{outcome.counts.summary()}; the output in {where} is complete up to line "
+            f"{outcome.last_line or kept}"
+            + ("; run the same command with --resume to go on" if output is not None else "")
+        )
+        return outcome.exit_code
+
+
+async def _main(
+    rewrapper: Rewrapper,
+    source: IO[bytes],
+    first_number: int,
+    handle_signals: bool,
+) -> Outcome:
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Stop sending, keep what is done in order, leave a resumable partial file.
+            loop.add_signal_handler(
+                sig, rewrapper.fail, f"interrupted by {sig.name}", EXIT_INTERRUPTED
+            )
+            installed.append(sig)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for client in rewrapper.clients:
+                await stack.enter_async_context(client)
+            return await rewrapper.run(source, first_number)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+class _NoProgress:
+    def update(self, _n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(err: IO[str], size: int, done: int, kept: int) -> Any:
+    """A progress bar (bytes of input) on standard error when it is a terminal; else nothing.
+
+    tqdm is optional (``pip install './client[progress]'``; the server brings it): without
+    it the run is the same, only without a bar.
+    """
+    if not err.isatty():
+        return _NoProgress()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoProgress()
+
+    return tqdm(
+        total=size or None,
+        initial=done,
+        unit="B",
+        unit_scale=True,
+        file=err,
+        desc="rewrap",
+        postfix={"resumed lines": kept} if kept else None,
+    )

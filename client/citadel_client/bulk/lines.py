@@ -1,0 +1,122 @@
+"""One line of the export: find ``encrypted_data`` and replace only its value."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final
+
+FIELD: Final = "encrypted_data"
+
+_WS: Final = " \t\n\r"
+_DECODER: Final = json.JSONDecoder()
+
+
+class LineError(Exception):
+    """A line that cannot be rewrapped, with its rejects code."""
+
+    def __init__(self, code: str, fields: dict[str, Any] | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.fields = fields
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    """A line's text split around the JSON value of ``encrypted_data``."""
+
+    text: str
+    start: int  # where the value's JSON text starts in ``text``
+    end: int
+    value: object
+    fields: dict[str, Any]  # the other fields, in order (for the rejects file)
+
+    def replaced(self, ciphertext: str) -> str:
+        """The same text with only the value replaced: spacing, numbers and escapes stay."""
+        new = json.dumps(ciphertext, ensure_ascii=False)
+        return self.text[: self.start] + new + self.text[self.end :]
+
+    def frame(self) -> tuple[str, str]:
+        """Everything but the value: equal for an input line and its output line."""
+        return self.text[: self.start], self.text[self.end :]
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
+        i += 1
+    return i
+
+
+def parse_line(text: str) -> ParsedLine:
+    """Find ``encrypted_data`` in one top-level JSON object, keeping every character's place.
+
+    The object is walked with the standard library's own decoder, one key and
+    one value at a time, so that the value's position is known and a duplicated
+    key (which a plain ``json.loads`` would silently resolve) is refused.
+    """
+    try:
+        i = _skip_ws(text, 0)
+        if text[i : i + 1] != "{":
+            raise LineError("invalid_line")
+        i = _skip_ws(text, i + 1)
+        fields: dict[str, Any] = {}
+        span: tuple[int, int, object] | None = None
+        seen: set[str] = set()
+        if text[i : i + 1] == "}":
+            i += 1
+        else:
+            while True:
+                if text[i : i + 1] != '"':
+                    raise LineError("invalid_line")
+                key, i = _DECODER.raw_decode(text, i)
+                i = _skip_ws(text, i)
+                if text[i : i + 1] != ":":
+                    raise LineError("invalid_line")
+                start = _skip_ws(text, i + 1)
+                value, i = _DECODER.raw_decode(text, start)
+                if key in seen:
+                    raise LineError("invalid_line")
+                seen.add(key)
+                if key == FIELD:
+                    span = (start, i, value)
+                else:
+                    fields[key] = value
+                i = _skip_ws(text, i)
+                if text[i : i + 1] == ",":
+                    i = _skip_ws(text, i + 1)
+                    continue
+                if text[i : i + 1] == "}":
+                    i += 1
+                    break
+                raise LineError("invalid_line")
+        if _skip_ws(text, i) != len(text):
+            raise LineError("invalid_line")
+    except ValueError:  # json.JSONDecodeError
+        raise LineError("invalid_line") from None
+    if span is None:
+        raise LineError("missing_field", fields)
+    return ParsedLine(text, span[0], span[1], span[2], fields)
+
+
+def split_ending(raw: bytes) -> tuple[bytes, bytes]:
+    """A line without its ending, and the ending (``\\r\\n``, ``\\n`` or none at EOF)."""
+    if raw.endswith(b"\r\n"):
+        return raw[:-2], b"\r\n"
+    if raw.endswith(b"\n"):
+        return raw[:-1], b"\n"
+    return raw, b""
+
+
+def terminated(raw: bytes) -> bytes:
+    """Every output line ends with a newline: a resumed run counts complete lines by it."""
+    return raw if raw.endswith(b"\n") else raw + b"\n"
+
+
+def target_prefix(ciphertext: str) -> str | None:
+    """The prefix that marks a ciphertext as made by the same provider and key."""
+    if ciphertext.startswith("cit1:"):
+        parts = ciphertext.split(":", 2)
+        return f"cit1:{parts[1]}:" if len(parts) == 3 and parts[1] else None
+    if ciphertext.startswith("ev:"):
+        return "ev:"
+    return None
