@@ -50,6 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Built in this process even with several workers, so that a bad set-up is
     # reported once, before any worker starts.
     app = create_app(settings)
+    if settings.env == "development":
+        _dev_banner(settings, args.host, args.port)
     from citadel.server import GuardedHttpToolsProtocol, uvicorn_options
 
     common = {"host": args.host, "port": args.port, **uvicorn_options(settings.read_timeout_s)}
@@ -68,6 +70,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         uvicorn.run(app, **common)
     return 0
+
+
+def _dev_banner(settings: Settings, host: str, port: int) -> None:
+    """Where a development server's keys are and what to try next, on standard error.
+
+    Standard output is the audit stream; the banner never goes there, and it
+    names files, never a key.
+    """
+    url = f"http://{host}:{port}"
+    keys = settings.dev_dir / "dev-api-keys.json"
+    lines = [
+        f"Citadel {_version()} in development on {url} (not for production: see the README's "
+        "production checklist)",
+        f"  keyring:      {settings.local_keyring}",
+    ]
+    if settings.api_keys is None and settings.api_keys_file is None:
+        lines.append(f"  API keys:     {keys} (sentinel may encrypt, conductor may decrypt)")
+        read_key = (
+            "python3 -c 'import json; print(json.load(open(\"" + str(keys) + '"))["sentinel"][0])\''
+        )
+        lines.append(f"  try:          SENTINEL=$({read_key})")
+        lines.append(
+            f'                curl -s {url}/encrypt -H "X-Internal-API-Key: $SENTINEL" '
+            "-H 'Content-Type: application/json' -d '{\"plaintext\": \"hello\"}'"
+        )
+    if settings.docs_enabled:
+        lines.append(f"  API docs:     {url}/docs")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _version() -> str:
+    from citadel.status import VERSION
+
+    return VERSION
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

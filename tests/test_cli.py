@@ -7,11 +7,12 @@ import hmac
 import json
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
-from support import free_port, run, serving
+from support import CITADEL, clean_env, free_port, run, serving
 
 SECRET_VALUE = "CANARY-SETTING-VALUE-91x"
 
@@ -408,3 +409,33 @@ def test_keyring_show_json_lists_ids_states_and_dates_and_no_key_material(
     material = json.loads(path.read_text())["keys"][0]
     secret_values = [v for k, v in material.items() if k not in key and isinstance(v, str)]
     assert secret_values and not any(v in result.stdout for v in secret_values)
+
+
+def test_a_development_server_says_on_stderr_where_its_keys_are_never_a_key(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CITADEL, "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        _, banner = proc.communicate(timeout=15)
+    keys = json.loads((tmp_path / ".citadel" / "dev-api-keys.json").read_text())
+    assert f"http://127.0.0.1:{port}" in banner and "dev-api-keys.json" in banner
+    assert not any(key in banner for entries in keys.values() for key in entries)
