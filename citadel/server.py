@@ -204,8 +204,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         the parser quadratic time), so they count against the same limit, with
         chunk size lines and extensions; each chunk is allowed its size line.
         A ``Content-Length`` body is fed exactly, so the next head is counted
-        from its first byte. Where a chunked body ends inside a read, the rest
-        of that read is charged to the next head whole (framing included).
+        from its first byte. Where a chunked body ends inside a read, the next
+        head starts charged with what the parser reported of it in that read.
         """
         if self._body_left is not None:
             piece = data if len(data) <= self._body_left else data[: self._body_left]
@@ -219,7 +219,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._overhead > self._overhead_room and not self.transport.is_closing():
                 self._refuse(_TOO_LARGE)
         elif self._head_bytes is not None:
-            self._head_bytes += not_body
+            # Where the body ended inside this read is not known: the next head is
+            # charged with what the parser reported of it (its url and fields).
+            self._head_bytes = max(self._head_bytes, self._parsed)
             self._carry = data[-3:]
             if self._head_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                 self._refuse(_TOO_LARGE)
@@ -344,6 +346,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._messages += 1
         self._head_bytes = 0  # the next bytes on this connection start a new request
+        self._parsed = 0
         self._body_left = None
         if self._lingering:
             self.transport.close()

@@ -339,3 +339,19 @@ def test_an_early_answer_off_the_operations_says_close_and_drains_the_body(
         rest = read_until_closed_strict(s)
     status, fields, _ = parse(answer)
     assert (status, fields["connection"], rest) == (405, ["close"], b"")
+
+
+def test_heads_of_40_kib_pipelined_after_a_chunked_body_in_one_read_are_served(
+    served: Served,
+) -> None:
+    # Found by tests/test_protocol_properties.py: the rest of the read after a
+    # chunked body was charged to the next head whole, and refused it.
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(ENCRYPT_BODY), ENCRYPT_BODY)
+    first = without_close(
+        raw_request(b"POST", b"/encrypt", body, b"Transfer-Encoding: chunked", length=False)
+    )
+    big = b"X-Pad: " + b"p" * 40_000
+    middle = without_close(raw_request(b"POST", b"/encrypt", ENCRYPT_BODY, big))
+    last = raw_request(b"POST", b"/encrypt", ENCRYPT_BODY, big)
+    got = responses(exchange(served, first + middle + last))
+    assert [status for status, _, _ in got] == [200, 200, 200]
