@@ -14,6 +14,12 @@ from support import KEYS, PSEUDONYM_KEY, RedisServer, free_port, run
 from evervault_emulator import EvervaultEmulator
 
 KEYS_ENV = json.dumps({caller: [key] for caller, key in KEYS.items()})
+# An evervault instance's settings but Evervault's own.
+EVERVAULT_INSTANCE = {
+    "CITADEL_PROVIDER": "evervault",
+    "CITADEL_API_KEYS": KEYS_ENV,
+    "CITADEL_AUDIT_PSEUDONYM_KEY": PSEUDONYM_KEY,
+}
 
 
 def lines_of(stdout: str) -> dict[str, str]:
@@ -74,9 +80,7 @@ def test_check_fetches_the_evervault_key_from_a_reachable_evervault(
     result = run(
         ["check"],
         tmp_path,
-        CITADEL_PROVIDER="evervault",
-        CITADEL_API_KEYS=KEYS_ENV,
-        CITADEL_AUDIT_PSEUDONYM_KEY=PSEUDONYM_KEY,
+        **EVERVAULT_INSTANCE,
         EVERVAULT_APP_ID=emulator.app_id,
         EVERVAULT_API_KEY=emulator.api_key,
         EVERVAULT_API_URL=emulator.url,
@@ -89,9 +93,7 @@ def test_check_with_evervault_unreachable_exits_1(tmp_path: Path) -> None:
     result = run(
         ["check"],
         tmp_path,
-        CITADEL_PROVIDER="evervault",
-        CITADEL_API_KEYS=KEYS_ENV,
-        CITADEL_AUDIT_PSEUDONYM_KEY=PSEUDONYM_KEY,
+        **EVERVAULT_INSTANCE,
         EVERVAULT_APP_ID="app_0123456789ab",
         EVERVAULT_API_KEY="ev:key:CANARYEVKEY",
         EVERVAULT_API_URL=f"http://127.0.0.1:{free_port()}/",

@@ -276,12 +276,8 @@ def test_a_repeated_user_id_keeps_the_valid_request_id(served: Served) -> None:
 # -- finding 3: an early answer is followed by a drain of the body, not a reset ---------------
 
 
-def _early_answer_then_body(served: Served, key: bytes) -> tuple[bytes, bytes]:
-    """Send a /sign head, read the early answer, then send a 120 KB body; what follows it."""
-    body = json.dumps(
-        {"encrypted_data": "cit1:x:y", "algorithm": "hmac-sha256", "message": "m" * 120_000}
-    ).encode()
-    request = raw_request(b"POST", b"/sign", body, key=key)
+def early_answer_then_body(served: Served, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request``'s head, read the early answer, then send its body; what follows it."""
     head_end = request.index(b"\r\n\r\n") + 4
     with socket.create_connection(address(served), timeout=5) as s:
         s.sendall(request[:head_end])
@@ -295,6 +291,14 @@ def _early_answer_then_body(served: Served, key: bytes) -> tuple[bytes, bytes]:
     return answer, rest
 
 
+def sign_request(key: bytes) -> bytes:
+    """A /sign request with a 120 KB body (within the limit)."""
+    body = json.dumps(
+        {"encrypted_data": "cit1:x:y", "algorithm": "hmac-sha256", "message": "m" * 120_000}
+    ).encode()
+    return raw_request(b"POST", b"/sign", body, key=key)
+
+
 def read_until_closed_strict(s: socket.socket) -> bytes:
     out = b""
     while chunk := s.recv(65536):  # ConnectionResetError fails the test
@@ -303,13 +307,13 @@ def read_until_closed_strict(s: socket.socket) -> bytes:
 
 
 def test_an_early_401_drains_the_body_then_closes_without_a_reset(served: Served) -> None:
-    answer, rest = _early_answer_then_body(served, b"wrong-key")
+    answer, rest = early_answer_then_body(served, sign_request(b"wrong-key"))
     assert_contract_error(answer, 401, "unauthenticated")
     assert rest == b""
 
 
 def test_an_early_403_drains_the_body_then_closes_without_a_reset(served: Served) -> None:
-    answer, rest = _early_answer_then_body(served, KEYS["sentinel"].encode())
+    answer, rest = early_answer_then_body(served, sign_request(KEYS["sentinel"].encode()))
     assert_contract_error(answer, 403, "forbidden")
     assert rest == b""
 
@@ -325,18 +329,8 @@ def test_a_drained_body_is_never_served_as_a_request(served: Served) -> None:
 def test_an_early_answer_off_the_operations_says_close_and_drains_the_body(
     served: Served,
 ) -> None:
-    body = b"x" * 120_000
-    request = raw_request(b"POST", b"/health", body)
-    head_end = request.index(b"\r\n\r\n") + 4
-    with socket.create_connection(address(served), timeout=5) as s:
-        s.sendall(request[:head_end])
-        answer = b""
-        while b"}" not in answer:
-            chunk = s.recv(65536)
-            assert chunk, "closed before the answer"
-            answer += chunk
-        s.sendall(request[head_end:])
-        rest = read_until_closed_strict(s)
+    request = raw_request(b"POST", b"/health", b"x" * 120_000)
+    answer, rest = early_answer_then_body(served, request)
     status, fields, _ = parse(answer)
     assert (status, fields["connection"], rest) == (405, ["close"], b"")
 
