@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     max_sign_message_bytes: Annotated[
         int, Field(ge=1, le=1_048_576), _env("CITADEL_MAX_SIGN_MESSAGE_BYTES")
     ] = 65536
+    max_batch_items: Annotated[int, Field(ge=1, le=10_000), _env("CITADEL_MAX_BATCH_ITEMS")] = 100
+    max_batch_bytes: Annotated[
+        int, Field(ge=1024, le=268_435_456), _env("CITADEL_MAX_BATCH_BYTES")
+    ] = 8_388_608
     trusted_proxies_raw: Annotated[str | None, _env("CITADEL_TRUSTED_PROXIES")] = None
     read_timeout_s: Annotated[float, Field(gt=0, le=600), _env("CITADEL_READ_TIMEOUT_S")] = 10.0
     local_keyring: Annotated[Path, _env("CITADEL_LOCAL_KEYRING")] = Path(".citadel/keyring.json")
