@@ -36,7 +36,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+)
 
 from citadel.errors import InvalidKey, InvalidRequest
 
@@ -56,6 +60,7 @@ __all__ = [
 # Algorithm -> the key encodings it takes, the default first (the contract's table).
 ALGORITHMS: Final[dict[str, tuple[str, ...]]] = {
     "hmac-sha256": ("utf-8", "base64", "hex"),
+    "hmac-sha384": ("utf-8", "base64", "hex"),
     "hmac-sha512": ("utf-8", "base64", "hex"),
     "ed25519": ("pem", "base64", "hex"),
     "rsa-pkcs1v15-sha256": ("pem",),
@@ -65,12 +70,22 @@ MESSAGE_ENCODINGS: Final[tuple[str, ...]] = ("utf-8", "base64")
 SIGNATURE_ENCODINGS: Final[tuple[str, ...]] = ("hex", "base64", "base64url")
 
 # hashlib names, as hmac.digest takes them (its one-shot C path, no HMAC object).
-_HMAC_DIGESTS: Final = {"hmac-sha256": "sha256", "hmac-sha512": "sha512"}
+_HMAC_DIGESTS: Final = {
+    "hmac-sha256": "sha256",
+    "hmac-sha384": "sha384",
+    "hmac-sha512": "sha512",
+}
 # The RSA sizes exchanges issue or accept (Binance takes 2048 and 4096). Anything
 # else is refused before the key check, whose cost grows with the cube of the size.
 RSA_KEY_BITS: Final = frozenset({2048, 3072, 4096})
 _ED25519_SEED_BYTES: Final = 32
+# Coinbase issues Ed25519 keys as 64 bytes: the seed, then the public key it gives.
+_ED25519_KEYPAIR_BYTES: Final = 64
 _P256_COORDINATE_BYTES: Final = 32
+_P256_ORDER: Final = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+# RFC 6979: the nonce derived from the key and the message, so one key and one message
+# always give one signature (the one ccxt computes) and no random source is trusted.
+_ES256: Final = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 
 # Fixed details of InvalidKey. They say what kind of thing the secret is (enough for
 # an operator to fix the stored key), never any of its content.
@@ -84,6 +99,10 @@ _PUBLIC_PEM: Final = (
 )
 _OTHER_KEY_TYPE: Final = (
     "The decrypted secret is a private key of another type or curve than the algorithm needs."
+)
+_KEYPAIR_MISMATCH: Final = (
+    "The decrypted secret is 64 bytes whose second half is not the public key of its first "
+    "half; an Ed25519 key of 64 bytes is the seed then its own public key."
 )
 _EMPTY_KEY: Final = "The decrypted secret is empty after decoding; an HMAC key must not be empty."
 _RSA_SIZE: Final = (
@@ -234,10 +253,7 @@ def _parse_key(algorithm: str, secret: str, key_encoding: str, rsa_checked: bool
             raise _Refused(_EMPTY_KEY)
         return PreparedKey(algorithm, raw)
     if algorithm == "ed25519" and key_encoding != "pem":
-        seed = _decode_bytes(secret, key_encoding)
-        if len(seed) != _ED25519_SEED_BYTES:
-            raise _Refused(_NOT_A_KEY)
-        return PreparedKey(algorithm, Ed25519PrivateKey.from_private_bytes(seed))
+        return PreparedKey(algorithm, _ed25519_raw(_decode_bytes(secret, key_encoding)))
     data = secret.encode("utf-8", "replace")
     key = _load_pem(data)
     if algorithm == "ed25519" and isinstance(key, Ed25519PrivateKey):
@@ -254,6 +270,22 @@ def _parse_key(algorithm: str, secret: str, key_encoding: str, rsa_checked: bool
         return PreparedKey(algorithm, key)
     # An RSA key for ed25519, a P-384 or secp256k1 key for ecdsa-p256, an Ed448 key, ...
     raise _Refused(_OTHER_KEY_TYPE)
+
+
+def _ed25519_raw(raw: bytes) -> Ed25519PrivateKey:
+    """The key of a 32-byte seed, or of 64 bytes (seed then public key) whose halves agree.
+
+    A public half that is not the seed's would sign under another identity than
+    the exchange registered, so it is refused rather than ignored.
+    """
+    if len(raw) not in (_ED25519_SEED_BYTES, _ED25519_KEYPAIR_BYTES):
+        raise _Refused(_NOT_A_KEY)
+    key = Ed25519PrivateKey.from_private_bytes(raw[:_ED25519_SEED_BYTES])
+    if len(raw) == _ED25519_KEYPAIR_BYTES:
+        public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        if not hmac.compare_digest(public, raw[_ED25519_SEED_BYTES:]):
+            raise _Refused(_KEYPAIR_MISMATCH)
+    return key
 
 
 def _decode_bytes(secret: str, key_encoding: str) -> bytes:
@@ -306,8 +338,11 @@ def _sign_with(algorithm: str, key: _Key, message: bytes) -> bytes:
     if isinstance(key, rsa.RSAPrivateKey):
         return key.sign(message, padding.PKCS1v15(), hashes.SHA256())
     # ECDSA: cryptography returns DER; JWS ES256 (RFC 7518 3.4) wants r || s, each a
-    # fixed 32-byte big-endian integer.
-    r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
+    # fixed 32-byte big-endian integer. s in its low form (as ccxt and most exchanges'
+    # verifiers expect), so the signature is unique, not one of two valid ones.
+    r, s = decode_dss_signature(key.sign(message, _ES256))
+    if s > _P256_ORDER // 2:
+        s = _P256_ORDER - s
     return r.to_bytes(_P256_COORDINATE_BYTES, "big") + s.to_bytes(_P256_COORDINATE_BYTES, "big")
 
 

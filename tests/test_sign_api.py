@@ -37,6 +37,7 @@ ACL = {
     "api-gateway": [],
 }
 HMAC_SECRET = "NhqPtmdSJYdKjVHjA7PZj4Mge3R5YNiP1e3UZjInClVN65XAbvqqM6A7H5fATj0j"
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 ORDER = "symbol=LTCBTC&side=BUY&quantity=1&timestamp=1499827319559"  # under the 64-byte limit
 
 
@@ -122,7 +123,10 @@ def error_code(r: httpx.Response) -> tuple[int, str]:
 # -- HMAC -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("algorithm,digest", [("hmac-sha256", "sha256"), ("hmac-sha512", "sha512")])
+@pytest.mark.parametrize(
+    "algorithm,digest",
+    [("hmac-sha256", "sha256"), ("hmac-sha384", "sha384"), ("hmac-sha512", "sha512")],
+)
 @pytest.mark.parametrize("key_encoding", ["utf-8", "base64", "hex"])
 def test_hmac_signature_equals_an_independent_hmac_for_each_key_encoding(
     c: httpx.Client, algorithm: str, digest: str, key_encoding: str
@@ -252,6 +256,51 @@ def test_ecdsa_p256_signature_is_64_byte_r_s_that_verifies(
     assert len(raw) == 64
     der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
     EC_KEY.public_key().verify(der, ORDER.encode(), ec.ECDSA(hashes.SHA256()))
+
+
+def test_ecdsa_p256_signature_is_the_same_for_the_same_key_and_message(c: httpx.Client) -> None:
+    """RFC 6979: one key and one message give one signature (ES256 JWTs are byte-comparable)."""
+    ct = encrypt(c, pem(EC_KEY))
+    body = {"encrypted_data": ct, "algorithm": "ecdsa-p256-sha256", "message": ORDER}
+    first, second = (signature_of(sign(c, **body)) for _ in range(2))
+    assert first == second
+    s_value = int.from_bytes(bytes.fromhex(first)[32:], "big")
+    assert s_value <= P256_ORDER // 2
+
+
+@pytest.mark.parametrize("key_encoding", ["base64", "hex"])
+def test_ed25519_64_byte_key_as_coinbase_issues_it_signs(
+    c: httpx.Client, key_encoding: str
+) -> None:
+    public = ED_KEY.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    raw = ed_seed() + public
+    stored = base64.b64encode(raw).decode() if key_encoding == "base64" else raw.hex()
+    r = sign(
+        c,
+        encrypted_data=encrypt(c, stored),
+        algorithm="ed25519",
+        message=ORDER,
+        key_encoding=key_encoding,
+    )
+    ED_KEY.public_key().verify(bytes.fromhex(signature_of(r)), ORDER.encode())
+
+
+def test_ed25519_64_byte_key_whose_public_half_is_another_keys_is_400_invalid_key(
+    c: httpx.Client,
+) -> None:
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    stored = base64.b64encode(
+        ed_seed() + other.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    ).decode()
+    r = sign(
+        c,
+        encrypted_data=encrypt(c, stored),
+        algorithm="ed25519",
+        message=ORDER,
+        key_encoding="base64",
+    )
+    assert error_code(r) == (400, "invalid_key")
+    assert stored not in r.text
 
 
 # -- ACL ------------------------------------------------------------------------------------------
@@ -801,6 +850,25 @@ def test_evervault_hmac_sign_decrypts_through_the_sdk(
         after = emulator.calls("decrypt")
     assert signature_of(r) == hmac.new(HMAC_SECRET.encode(), ORDER.encode(), "sha256").hexdigest()
     assert after - before == 1
+
+
+def test_evervault_hmac_sha384_and_64_byte_ed25519_sign(ev_served: Served) -> None:
+    public = ED_KEY.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    with ev_served.client() as c:
+        r384 = sign(
+            c, encrypted_data=encrypt(c, HMAC_SECRET), algorithm="hmac-sha384", message=ORDER
+        )
+        red = sign(
+            c,
+            encrypted_data=encrypt(c, base64.b64encode(ed_seed() + public).decode()),
+            algorithm="ed25519",
+            message=ORDER,
+            key_encoding="base64",
+        )
+    assert (
+        signature_of(r384) == hmac.new(HMAC_SECRET.encode(), ORDER.encode(), "sha384").hexdigest()
+    )
+    ED_KEY.public_key().verify(bytes.fromhex(signature_of(red)), ORDER.encode())
 
 
 @pytest.mark.parametrize("algorithm", ["ed25519", "rsa-pkcs1v15-sha256", "ecdsa-p256-sha256"])

@@ -33,6 +33,10 @@ from citadel.signing import (
 # RFC 4231 test case 2 ("Jefe").
 JEFE_MESSAGE = b"what do ya want for nothing?"
 JEFE_SHA256 = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+JEFE_SHA384 = (
+    "af45d2e376484031617f78d2b58a6b1b9c7ef464f5a01b47e42ec3736322445e"
+    "8e2240ca5e69e2c78b3239ecfab21649"
+)
 JEFE_SHA512 = (
     "164b7a7bfcf819e2e395fbe73b56e0a387bd64222e831fd610270cd7ea250554"
     "9758bf75c05a994a6d034f65f8f0e6fdcaeab1a34d4a6b4b636e070a38bce737"
@@ -48,6 +52,22 @@ RFC8032_SIG_2 = (
     "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da085ac1e43e15996e458f3613"
     "d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"
 )
+RFC8032_PUBLIC_2 = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
+# RFC 6979 appendix A.2.5: ECDSA over P-256 with SHA-256, messages "sample" and "test".
+RFC6979_P256_X = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+RFC6979_P256_UX = 0x60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6
+RFC6979_P256_UY = 0x7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299
+RFC6979_P256_SHA256 = {
+    b"sample": (
+        0xEFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716,
+        0xF7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8,
+    ),
+    b"test": (
+        0xF1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367,
+        0x019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083,
+    ),
+}
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 MESSAGE = b"symbol=LTCBTC&side=BUY&type=LIMIT&quantity=1&price=0.1&timestamp=1499827319559"
 
 
@@ -85,6 +105,7 @@ def ed_key() -> ed25519.Ed25519PrivateKey:
 def test_tables_match_the_contract() -> None:
     assert ALGORITHMS == {
         "hmac-sha256": ("utf-8", "base64", "hex"),
+        "hmac-sha384": ("utf-8", "base64", "hex"),
         "hmac-sha512": ("utf-8", "base64", "hex"),
         "ed25519": ("pem", "base64", "hex"),
         "rsa-pkcs1v15-sha256": ("pem",),
@@ -100,6 +121,11 @@ def test_tables_match_the_contract() -> None:
 def test_hmac_sha256_matches_rfc4231_case_2() -> None:
     got = sign("hmac-sha256", "Jefe", JEFE_MESSAGE, key_encoding="utf-8", signature_encoding="hex")
     assert got == JEFE_SHA256
+
+
+def test_hmac_sha384_matches_rfc4231_case_2() -> None:
+    got = sign("hmac-sha384", "Jefe", JEFE_MESSAGE, key_encoding="utf-8", signature_encoding="hex")
+    assert got == JEFE_SHA384
 
 
 def test_hmac_sha512_matches_rfc4231_case_2() -> None:
@@ -158,6 +184,24 @@ def test_ed25519_base64_seed_matches_rfc8032_test_2() -> None:
     seed = base64.b64encode(bytes.fromhex(RFC8032_SEED_2)).decode()
     got = sign("ed25519", seed, b"\x72", key_encoding="base64", signature_encoding="hex")
     assert got == RFC8032_SIG_2
+
+
+@pytest.mark.parametrize("key_encoding", ["base64", "hex"])
+def test_ed25519_64_byte_key_seed_then_public_signs_like_its_seed(key_encoding: str) -> None:
+    """Coinbase issues Ed25519 keys as 64 bytes: the seed, then its public key."""
+    raw = bytes.fromhex(RFC8032_SEED_2 + RFC8032_PUBLIC_2)
+    secret = base64.b64encode(raw).decode() if key_encoding == "base64" else raw.hex()
+    got = sign("ed25519", secret, b"\x72", key_encoding=key_encoding, signature_encoding="hex")
+    assert got == RFC8032_SIG_2
+
+
+def test_ed25519_64_byte_key_with_another_keys_public_half_is_invalid_key() -> None:
+    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    public = other.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    secret = base64.b64encode(bytes.fromhex(RFC8032_SEED_2) + public).decode()
+    with pytest.raises(InvalidKey) as info:
+        sign("ed25519", secret, b"\x72", key_encoding="base64", signature_encoding="hex")
+    assert "public key of its first half" in info.value.detail
 
 
 def test_ed25519_pkcs8_pem_signs_like_its_seed(ed_key: ed25519.Ed25519PrivateKey) -> None:
@@ -248,6 +292,59 @@ def test_ecdsa_small_r_or_s_is_left_padded_to_32_bytes(
             verify_es256(p256_key, raw, message)
             return
     pytest.fail("no signature with a small r or s in 5000 tries")
+
+
+def rfc6979_key_pem() -> str:
+    key = ec.derive_private_key(RFC6979_P256_X, ec.SECP256R1())
+    numbers = key.public_key().public_numbers()
+    assert (numbers.x, numbers.y) == (RFC6979_P256_UX, RFC6979_P256_UY)
+    return pem(key)
+
+
+@pytest.mark.parametrize("message", sorted(RFC6979_P256_SHA256))
+def test_ecdsa_matches_rfc6979_a25_with_s_in_low_form(message: bytes) -> None:
+    """RFC 6979 A.2.5's r, and its s or n - s, whichever is the low one."""
+    r, s = RFC6979_P256_SHA256[message]
+    got = bytes.fromhex(
+        sign(
+            "ecdsa-p256-sha256",
+            rfc6979_key_pem(),
+            message,
+            key_encoding="pem",
+            signature_encoding="hex",
+        )
+    )
+    assert int.from_bytes(got[:32], "big") == r
+    assert int.from_bytes(got[32:], "big") == min(s, P256_ORDER - s)
+
+
+def test_ecdsa_s_is_always_low(p256_key: ec.EllipticCurvePrivateKey) -> None:
+    secret = pem(p256_key)
+    for i in range(64):
+        raw = bytes.fromhex(
+            sign(
+                "ecdsa-p256-sha256", secret, b"%d" % i, key_encoding="pem", signature_encoding="hex"
+            )
+        )
+        assert int.from_bytes(raw[32:], "big") <= P256_ORDER // 2
+        verify_es256(p256_key, raw, b"%d" % i)
+
+
+def test_ecdsa_signature_is_the_one_ccxt_computes(p256_key: ec.EllipticCurvePrivateKey) -> None:
+    """ccxt's own deterministic ECDSA (its JWT ES256 path) is the oracle."""
+    exchange = pytest.importorskip("ccxt.base.exchange").Exchange
+    secret = pem(p256_key)
+    for i in range(32):
+        message = f"header.payload-{i}"
+        theirs = exchange.ecdsa(message, secret, "p256", "sha256")
+        ours = sign(
+            "ecdsa-p256-sha256",
+            secret,
+            message.encode(),
+            key_encoding="pem",
+            signature_encoding="hex",
+        )
+        assert ours == theirs["r"].rjust(64, "0") + theirs["s"].rjust(64, "0")
 
 
 # -- message decoding -------------------------------------------------------------------------------
@@ -344,7 +441,14 @@ INVALID_KEYS: dict[str, tuple[str, str, str]] = {
     "hmac-hex-with-spaces": ("hmac-sha512", "hex", "ab cd"),
     "hmac-utf8-lone-surrogate": ("hmac-sha256", "utf-8", CANARY + "\udc80"),
     "ed25519-seed-too-short": ("ed25519", "hex", "ab" * 31),
-    "ed25519-seed-too-long": ("ed25519", "base64", base64.b64encode(b"\x01" * 64).decode()),
+    "ed25519-seed-too-long": ("ed25519", "base64", base64.b64encode(b"\x01" * 48).decode()),
+    # 64 bytes whose second half is not the public key of the first (a mismatched pair).
+    "ed25519-64-bytes-public-half-mismatch": (
+        "ed25519",
+        "base64",
+        base64.b64encode(b"\x01" * 64).decode(),
+    ),
+    "ed25519-64-bytes-hex-public-half-mismatch": ("ed25519", "hex", "02" * 64),
     "ed25519-bad-hex": ("ed25519", "hex", CANARY * 6),
     "ed25519-not-pem": ("ed25519", "pem", CANARY),
     "ed25519-rsa-pem": ("ed25519", "pem", CANARY + "\n" + _rsa_pem()),
