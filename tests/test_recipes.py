@@ -1,12 +1,13 @@
 """The README's signing recipes ("Signing orders without seeing the secret"), run against Citadel.
 
-Every ```python block of the recipes page is executed as written; each recipe
-then runs over real HTTP against a Citadel served on loopback, through the
-contract's ``POST /sign``. The client's own ``sign()`` is written elsewhere, so
-the recipes get a stand-in with the same keywords that speaks plain httpx. Each
-result is checked against the exchange's published example where there is one
-(Binance, Kraken), otherwise against an independent computation (hmac,
-hashlib, cryptography's verify).
+Every ```python block of the recipes page is executed as written, with the real
+``citadel_client.AsyncCitadelClient`` (tests/test_readme_blocks.py runs the same
+blocks in a client-only virtual environment); each recipe then runs over real HTTP
+against a Citadel served on loopback, through the contract's ``POST /sign``. A
+recording transport under the client keeps each request body and checks each
+answer. Each result is checked against the exchange's published example where
+there is one (Binance, Kraken), otherwise against an independent computation
+(hmac, hashlib, cryptography's verify).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives import serialization as ser
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from support import KEYS, Served, make_settings, serve_citadel
+
+from citadel_client import AsyncCitadelClient
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Signing orders without seeing the secret"
@@ -76,43 +79,39 @@ KRAKEN_API_SIGN = (
 )
 
 
-class HttpCitadel:
-    """``AsyncCitadelClient.sign`` as the contract defines it, over plain httpx."""
+class Recording(httpx.AsyncBaseTransport):
+    """Real HTTP (httpx's own transport) that keeps each request body the client sent.
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    Every answer must be 200 with the signature and nothing else: what the page
+    promises a caller gets back from ``/sign``.
+    """
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
         self.bodies: list[dict[str, Any]] = []
 
-    async def sign(
-        self,
-        encrypted_data: str,
-        message: str,
-        *,
-        algorithm: str,
-        message_encoding: str = "utf-8",
-        key_encoding: str | None = None,
-        signature_encoding: str = "hex",
-        user_id: str | None = None,
-    ) -> str:
-        body: dict[str, Any] = {
-            "encrypted_data": encrypted_data,
-            "algorithm": algorithm,
-            "message": message,
-            "message_encoding": message_encoding,
-            "signature_encoding": signature_encoding,
-        }
-        if key_encoding is not None:
-            body["key_encoding"] = key_encoding
-        headers = {"X-Internal-API-Key": KEYS["conductor"]}
-        if user_id is not None:
-            headers["X-User-ID"] = user_id
-        self.bodies.append(body)
-        async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
-            r = await client.post("/sign", json=body, headers=headers)
-        assert r.status_code == 200, (r.status_code, r.text)
-        assert set(r.json()) == {"signature"}
-        signature: str = r.json()["signature"]
-        return signature
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.bodies.append(json.loads(request.content))
+        response = await self._inner.handle_async_request(request)
+        content = await response.aread()
+        assert response.status_code == 200, (response.status_code, content)
+        assert set(json.loads(content)) == {"signature"}
+        return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class Conductor:
+    """Conductor's real client (granted ``sign``) and the bodies it sent."""
+
+    def __init__(self, url: str) -> None:
+        self.transport = Recording()
+        self.client = AsyncCitadelClient(url, KEYS["conductor"], transport=self.transport)
+
+    @property
+    def bodies(self) -> list[dict[str, Any]]:
+        return self.transport.bodies
 
 
 def recipe_namespace() -> dict[str, Any]:
@@ -138,9 +137,24 @@ def recipes() -> dict[str, Any]:
     return recipe_namespace()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def loop() -> Iterator[asyncio.Runner]:
+    """One event loop for the module's recipe calls (a client is bound to its loop)."""
+    global _RUNNER
+    with asyncio.Runner() as runner:
+        _RUNNER = runner
+        yield runner
+        _RUNNER = None
+
+
+_RUNNER: asyncio.Runner | None = None
+
+
 @pytest.fixture
-def citadel(served: Served) -> HttpCitadel:
-    return HttpCitadel(served.url)
+def conductor(served: Served, loop: asyncio.Runner) -> Iterator[Conductor]:
+    conductor = Conductor(served.url)
+    yield conductor
+    loop.run(conductor.client.aclose())
 
 
 def encrypt(served: Served, secret: str) -> str:
@@ -154,7 +168,8 @@ def encrypt(served: Served, secret: str) -> str:
 
 
 def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+    assert _RUNNER is not None
+    return _RUNNER.run(coro)
 
 
 def pem(key: Any, fmt: ser.PrivateFormat = ser.PrivateFormat.PKCS8) -> str:
@@ -206,10 +221,10 @@ def test_every_json_body_on_the_page_uses_only_contract_values() -> None:
 
 
 def test_binance_hmac_recipe_gives_the_documented_signature(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     ct = encrypt(served, BINANCE_SECRET)
-    query = run(recipes["binance_signed_query"](citadel, ct, BINANCE_PARAMS))
+    query = run(recipes["binance_signed_query"](conductor.client, ct, BINANCE_PARAMS))
     assert query == (
         "symbol=LTCBTC&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=0.1"
         f"&recvWindow=5000&timestamp=1499827319559&signature={BINANCE_SIGNATURE}"
@@ -226,12 +241,12 @@ def test_binance_json_body_on_the_page_gives_the_documented_signature(served: Se
 
 
 def test_binance_ed25519_recipe_signature_verifies_with_the_public_key(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
     ct = encrypt(served, pem(key))
     params = {"symbol": "BTCUSDT", "side": "SELL", "type": "LIMIT", "timestamp": "1668481559918"}
-    signed = run(recipes["binance_signed_query_asymmetric"](citadel, ct, params))
+    signed = run(recipes["binance_signed_query_asymmetric"](conductor.client, ct, params))
     query, _, encoded = signed.rpartition("&signature=")
     assert query == "symbol=BTCUSDT&side=SELL&type=LIMIT&timestamp=1668481559918"
     assert "+" not in encoded and "/" not in encoded and "=" not in encoded  # percent-encoded
@@ -239,14 +254,14 @@ def test_binance_ed25519_recipe_signature_verifies_with_the_public_key(
 
 
 def test_binance_rsa_recipe_signature_verifies_with_the_public_key(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ct = encrypt(served, pem(key, ser.PrivateFormat.TraditionalOpenSSL))
     params = {"symbol": "BTCUSDT", "side": "BUY", "timestamp": "1700000000000"}
     signed = run(
         recipes["binance_signed_query_asymmetric"](
-            citadel, ct, params, algorithm="rsa-pkcs1v15-sha256"
+            conductor.client, ct, params, algorithm="rsa-pkcs1v15-sha256"
         )
     )
     query, _, encoded = signed.rpartition("&signature=")
@@ -259,13 +274,13 @@ def test_binance_rsa_recipe_signature_verifies_with_the_public_key(
 
 
 def test_bybit_recipe_signs_timestamp_key_window_and_payload(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     secret = "bybit-secret-" + "x" * 24
     body = '{"category":"spot","symbol":"BTCUSDT","side":"Buy","orderType":"Limit","qty":"0.01"}'
     headers = run(
         recipes["bybit_headers"](
-            citadel, encrypt(served, secret), "APIKEY123", body, timestamp_ms=1658384314791
+            conductor.client, encrypt(served, secret), "APIKEY123", body, timestamp_ms=1658384314791
         )
     )
     expected = hmac.new(
@@ -280,7 +295,7 @@ def test_bybit_recipe_signs_timestamp_key_window_and_payload(
 
 
 def test_okx_recipe_signs_iso_timestamp_method_path_and_body(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     secret = "okx-secret-" + "y" * 22
     now = datetime(2020, 12, 8, 9, 8, 57, 715000, tzinfo=UTC)
@@ -289,7 +304,14 @@ def test_okx_recipe_signs_iso_timestamp_method_path_and_body(
     )
     headers = run(
         recipes["okx_headers"](
-            citadel, encrypt(served, secret), "K", "P", "post", "/api/v5/trade/order", body, now=now
+            conductor.client,
+            encrypt(served, secret),
+            "K",
+            "P",
+            "post",
+            "/api/v5/trade/order",
+            body,
+            now=now,
         )
     )
     assert headers["OK-ACCESS-TIMESTAMP"] == "2020-12-08T09:08:57.715Z"
@@ -299,13 +321,13 @@ def test_okx_recipe_signs_iso_timestamp_method_path_and_body(
 
 
 def test_okx_recipe_get_signs_the_path_with_its_query(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     secret = "okx-secret-" + "z" * 22
     now = datetime(2024, 1, 2, 3, 4, 5, 6000, tzinfo=UTC)
     headers = run(
         recipes["okx_headers"](
-            citadel,
+            conductor.client,
             encrypt(served, secret),
             "K",
             "P",
@@ -319,18 +341,20 @@ def test_okx_recipe_get_signs_the_path_with_its_query(
 
 
 def test_kucoin_recipe_signs_the_request_and_the_passphrase(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     secret = "kucoin-secret-" + "q" * 22
     ct = encrypt(served, secret)
-    signed_passphrase = run(recipes["kucoin_signed_passphrase"](citadel, ct, "my-passphrase"))
+    signed_passphrase = run(
+        recipes["kucoin_signed_passphrase"](conductor.client, ct, "my-passphrase")
+    )
     assert signed_passphrase == hmac_b64(secret.encode(), "my-passphrase")
     body = (
         '{"clientOid":"5c52e11203aa677f33e493fb","side":"buy","symbol":"BTC-USDT","size":"0.001"}'
     )
     headers = run(
         recipes["kucoin_headers"](
-            citadel,
+            conductor.client,
             ct,
             "K",
             signed_passphrase,
@@ -350,13 +374,13 @@ def test_kucoin_recipe_signs_the_request_and_the_passphrase(
 
 
 def test_gate_recipe_signs_method_path_query_body_hash_and_timestamp(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     secret = "gate-secret-" + "g" * 20
     body = '{"currency_pair":"BTC_USDT","side":"buy","amount":"0.001","price":"20000"}'
     headers = run(
         recipes["gate_headers"](
-            citadel,
+            conductor.client,
             encrypt(served, secret),
             "K",
             "post",
@@ -374,12 +398,12 @@ def test_gate_recipe_signs_method_path_query_body_hash_and_timestamp(
 
 
 def test_gate_recipe_get_hashes_the_empty_body(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     secret = "gate-secret-" + "h" * 20
     headers = run(
         recipes["gate_headers"](
-            citadel,
+            conductor.client,
             encrypt(served, secret),
             "K",
             "GET",
@@ -397,14 +421,14 @@ def test_gate_recipe_get_hashes_the_empty_body(
 
 
 def test_coinbase_exchange_recipe_uses_the_base64_decoded_secret(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     raw = bytes(range(64))
     secret = base64.b64encode(raw).decode()
     body = '{"product_id":"BTC-USD","side":"buy","price":"20000","size":"0.01"}'
     headers = run(
         recipes["coinbase_exchange_headers"](
-            citadel,
+            conductor.client,
             encrypt(served, secret),
             "K",
             "P",
@@ -422,12 +446,12 @@ def test_coinbase_exchange_recipe_uses_the_base64_decoded_secret(
 
 
 def test_kraken_recipe_gives_the_documented_api_sign(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     ct = encrypt(served, KRAKEN_SECRET)
     headers, postdata = run(
         recipes["kraken_request"](
-            citadel, ct, "APIKEY", "/0/private/AddOrder", KRAKEN_PARAMS, nonce=KRAKEN_NONCE
+            conductor.client, ct, "APIKEY", "/0/private/AddOrder", KRAKEN_PARAMS, nonce=KRAKEN_NONCE
         )
     )
     assert postdata == KRAKEN_POSTDATA
@@ -450,15 +474,15 @@ def test_kraken_json_body_on_the_page_gives_the_documented_api_sign(served: Serv
 
 
 def test_sign_audit_line_fingerprints_the_decoded_message_bytes(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     ct = encrypt(served, KRAKEN_SECRET)
     run(
         recipes["kraken_request"](
-            citadel, ct, "K", "/0/private/AddOrder", KRAKEN_PARAMS, nonce=KRAKEN_NONCE
+            conductor.client, ct, "K", "/0/private/AddOrder", KRAKEN_PARAMS, nonce=KRAKEN_NONCE
         )
     )
-    sent = citadel.bodies[-1]["message"]
+    sent = conductor.bodies[-1]["message"]
     prehash = base64.b64decode(sent)
     msg_fp = hashlib.sha256(prehash).hexdigest()[:16]
     events = [
@@ -483,14 +507,14 @@ def unb64url(text: str) -> bytes:
 
 
 def test_coinbase_recipe_builds_an_es256_jwt_that_verifies(
-    served: Served, recipes: dict[str, Any], citadel: HttpCitadel
+    served: Served, recipes: dict[str, Any], conductor: Conductor
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     ct = encrypt(served, pem(key, ser.PrivateFormat.TraditionalOpenSSL))  # CDP's SEC 1 form
     key_name = "organizations/org-1/apiKeys/key-1"
     token = run(
         recipes["coinbase_jwt"](
-            citadel, ct, key_name, "get", "/api/v3/brokerage/accounts", now=1700000000
+            conductor.client, ct, key_name, "get", "/api/v3/brokerage/accounts", now=1700000000
         )
     )
     header_b64, payload_b64, signature_b64 = token.split(".")
@@ -522,9 +546,11 @@ def test_after_hardening_conductor_signs_but_cannot_decrypt(tmp_path: Path) -> N
         r = c.post("/decrypt", json={"encrypted_data": ct}, headers=conductor)
         assert (r.status_code, r.json()["code"]) == (403, "forbidden")
         assert BINANCE_SECRET not in r.text
-        signed = asyncio.run(
-            recipe_namespace()["binance_signed_query"](HttpCitadel(s.url), ct, BINANCE_PARAMS)
+        conductor = Conductor(s.url)
+        signed = run(
+            recipe_namespace()["binance_signed_query"](conductor.client, ct, BINANCE_PARAMS)
         )
+        run(conductor.client.aclose())
     assert signed.endswith(BINANCE_SIGNATURE)
 
 
