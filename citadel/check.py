@@ -2,11 +2,12 @@
 
 An operator wants to know before a roll-out whether an instance would start and
 serve: the settings as ``serve`` reads them, the API keys and ACL, the keyring,
-the pseudonym key, the rate-limit storage, each decrypting provider and the
-audit stream. One line per item, ``ok`` or what is wrong (never a value); exit
-0 when all are ok, 2 when a setting is bad, 1 when a dependency cannot be
-reached. Nothing is created: where ``serve`` would create a development file,
-the line says so.
+the pseudonym key, the TLS certificate, key and client CA (or, in production,
+that the listener would serve plain HTTP), the rate-limit storage, each
+decrypting provider and the audit stream. One line per item, ``ok`` or what
+is wrong (never a value); exit 0 when all are ok, 2 when a setting is bad, 1
+when a dependency cannot be reached. Nothing is created: where ``serve``
+would create a development file, the line says so.
 """
 
 from __future__ import annotations
@@ -83,6 +84,44 @@ def _keyring(settings: Settings) -> str:
     return "ok"
 
 
+def _tls(settings: Settings) -> str:
+    from citadel.tls import ContextReloader, TlsFiles, unbound_callers
+
+    files = TlsFiles.from_settings(settings)
+    if files is None:
+        if settings.env == "production":
+            # Not a failure (a mesh sidecar may terminate TLS), but said: serve logs it too.
+            return (
+                "ok, but plaintext_listener: plain HTTP in production (set "
+                "CITADEL_TLS_CERT_FILE and CITADEL_TLS_KEY_FILE unless a sidecar terminates TLS)"
+            )
+    loaded = ContextReloader.start(files).loaded
+    expiry = loaded.not_after.strftime("%Y-%m-%d")
+    if loaded.expired:
+        raise SettingError("CITADEL_TLS_CERT_FILE", f"holds a certificate that expired on {expiry}")
+    text = f"ok (TLS 1.3, certificate valid until {expiry}"
+    if loaded.mutual:
+        text += ", client certificates required"
+    if settings.tls_caller_identities is not None:
+        text += f", {len(settings.tls_caller_identities)} caller identities"
+        keys, _ = _resolved_keys(settings)
+        missing = unbound_callers(settings.tls_caller_identities, keys)
+        if missing:
+            text += f"; callers without an identity cannot authenticate: {', '.join(missing)}"
+    return text + ")"
+
+
+def _resolved_keys(settings: Settings) -> tuple[dict[str, list[str]], object]:
+    from citadel.security import resolve_api_keys
+
+    if settings.api_keys is None and settings.api_keys_file is None:
+        return {}, None  # development keys: not created by a check
+    try:
+        return resolve_api_keys(settings)
+    except (SettingError, OSError):
+        return {}, None  # said by the "api keys and acl" line
+
+
 def _audit_stream() -> Finding:
     """Standard output, where audit lines go, must be open for writing."""
     try:
@@ -146,6 +185,9 @@ def findings() -> list[Finding]:
         _setting("api keys and acl", lambda: _api_keys(settings)),
         _setting("audit pseudonym key", lambda: _pseudonym_key(settings)),
     ]
+    if settings.tls_enabled or settings.env == "production":
+        # Development over plain HTTP has nothing to say here.
+        out.append(_setting("tls", lambda: _tls(settings)))
     if "local" in settings.decrypt_providers:
         out.append(_setting("provider local (keyring)", lambda: _keyring(settings)))
     out.append(asyncio.run(_rate_limit_storage(settings)))

@@ -12,24 +12,30 @@ names the variable and never repeats its value.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import structlog
-from limits import parse as parse_limit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from citadel.setting_values import Network as Network  # re-exported: citadel.config.Network
+from citadel.setting_values import (
+    check_api_keys_shape,
+    check_caller_identities,
+    check_http_url,
+    check_limit,
+    check_storage_uri,
+    networks,
+)
 
 log = structlog.get_logger("citadel")
 
 Operation = Literal["encrypt", "decrypt", "sign", "rewrap"]
 ProviderName = Literal["local", "evervault"]
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_ACL: dict[str, list[Operation]] = {
     "sentinel": ["encrypt"],
@@ -86,6 +92,12 @@ class Settings(BaseSettings):
     ] = 8_388_608
     trusted_proxies_raw: Annotated[str | None, _env("CITADEL_TRUSTED_PROXIES")] = None
     read_timeout_s: Annotated[float, Field(gt=0, le=600), _env("CITADEL_READ_TIMEOUT_S")] = 10.0
+    tls_cert_file: Annotated[Path | None, _env("CITADEL_TLS_CERT_FILE")] = None
+    tls_key_file: Annotated[Path | None, _env("CITADEL_TLS_KEY_FILE")] = None
+    tls_client_ca_file: Annotated[Path | None, _env("CITADEL_TLS_CLIENT_CA_FILE")] = None
+    tls_caller_identities: Annotated[
+        dict[str, str] | None, _env("CITADEL_TLS_CALLER_IDENTITIES")
+    ] = None
     local_keyring: Annotated[Path, _env("CITADEL_LOCAL_KEYRING")] = Path(".citadel/keyring.json")
     log_format: Annotated[Literal["json", "console"], _env("CITADEL_LOG_FORMAT")] = "json"
     log_level: Annotated[
@@ -124,20 +136,13 @@ class Settings(BaseSettings):
     @field_validator("evervault_api_url")
     @classmethod
     def _slash_url(cls, value: str) -> str:
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            raise ValueError("must be an http(s) URL") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http(s) URL")
         # The SDK concatenates base_url + path, so the slash is load-bearing.
-        return value if value.endswith("/") else value + "/"
+        return check_http_url(value)
 
     @field_validator("rate_limit_per_caller", "rate_limit_per_user", "rate_limit_auth_failures")
     @classmethod
     def _valid_limit(cls, value: str) -> str:
-        return _check_limit(value)
+        return check_limit(value)
 
     @field_validator("rate_limits")
     @classmethod
@@ -146,7 +151,7 @@ class Settings(BaseSettings):
             for caller, limit in value.items():
                 if not caller:
                     raise ValueError("has an empty caller name")
-                _check_limit(limit)
+                check_limit(limit)
         return value
 
     @field_validator("rate_limit_storage_uri")
@@ -154,26 +159,7 @@ class Settings(BaseSettings):
     def _valid_storage(cls, value: str) -> str:
         # Checked here, before any library sees it: a library's error would
         # quote the URI, password included.
-        bad = ValueError("must be memory:// or a redis://host:port/db URI")
-        if value == "memory://":
-            return value
-        try:
-            parts = urlsplit(value)
-            port = parts.port
-        except ValueError:
-            raise bad from None
-        if parts.scheme == "redis+unix":
-            if not parts.path:
-                raise bad
-            return value
-        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise bad
-        if port is None and parts.netloc.endswith(":"):
-            raise bad
-        db = parts.path.lstrip("/")
-        if db and not db.isdigit():
-            raise bad
-        return value
+        return check_storage_uri(value)
 
     @field_validator("api_keys")
     @classmethod
@@ -195,8 +181,19 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_proxies(cls, value: str | None) -> str | None:
         if value is not None:
-            _networks(value)
+            networks(value)
         return value
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: Any) -> Any:
+        # A compose file passes ${CITADEL_TLS_CERT_FILE:-}: empty means unset.
+        return None if value == "" else value
+
+    @field_validator("tls_caller_identities")
+    @classmethod
+    def _valid_identities(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return check_caller_identities(value) if value is not None else None
 
     @model_validator(mode="after")
     def _provider_needs(self) -> Settings:
@@ -205,6 +202,12 @@ class Settings(BaseSettings):
                 raise ValueError("EVERVAULT_APP_ID is required with the evervault provider")
             if self.evervault_api_key is None:
                 raise ValueError("EVERVAULT_API_KEY is required with the evervault provider")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("CITADEL_TLS_CERT_FILE and CITADEL_TLS_KEY_FILE must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("CITADEL_TLS_CLIENT_CA_FILE needs CITADEL_TLS_CERT_FILE and _KEY_FILE")
+        if self.tls_caller_identities is not None and self.tls_client_ca_file is None:
+            raise ValueError("CITADEL_TLS_CALLER_IDENTITIES needs CITADEL_TLS_CLIENT_CA_FILE")
         return self
 
     @property
@@ -219,7 +222,12 @@ class Settings(BaseSettings):
 
     @property
     def trusted_proxies(self) -> tuple[Network, ...]:
-        return _networks(self.trusted_proxies_raw) if self.trusted_proxies_raw else ()
+        return networks(self.trusted_proxies_raw) if self.trusted_proxies_raw else ()
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the listener serves HTTPS (a certificate and its key are set)."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
     def rate_limit_for(self, caller: str) -> str:
         """The caller's own limit from ``CITADEL_RATE_LIMITS``, else the per-caller default."""
@@ -338,17 +346,6 @@ def read_secret_file(path: Path, variable: str, env: str) -> bytes:
         return f.read()
 
 
-def check_api_keys_shape(value: Any) -> None:
-    """Raise ``ValueError`` unless ``value`` maps caller names to lists of key strings."""
-    if not isinstance(value, dict) or not value:
-        raise ValueError("must be a JSON object of caller name to a list of keys")
-    for caller, keys in value.items():
-        if not isinstance(caller, str) or not caller:
-            raise ValueError("has an empty caller name")
-        if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
-            raise ValueError("must map each caller to a list of non-empty key strings")
-
-
 def describe_settings_error(exc: Exception) -> str:
     """One line naming the offending variable(s), never a value."""
     if isinstance(exc, SettingError):
@@ -386,22 +383,3 @@ def _alias(field: str) -> str:
     info = Settings.model_fields.get(field)
     alias = info.validation_alias if info else None
     return alias if isinstance(alias, str) else field
-
-
-def _check_limit(value: str) -> str:
-    try:
-        parse_limit(value)
-    except ValueError:
-        raise ValueError("must be a rate limit such as 100/minute") from None
-    return value
-
-
-def _networks(value: str) -> tuple[Network, ...]:
-    try:
-        return tuple(
-            ipaddress.ip_network(part.strip(), strict=False)
-            for part in value.split(",")
-            if part.strip()
-        )
-    except ValueError:
-        raise ValueError("must be comma-separated IP addresses or CIDRs") from None
