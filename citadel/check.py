@@ -89,12 +89,12 @@ def _tls(settings: Settings) -> str:
 
     files = TlsFiles.from_settings(settings)
     if files is None:
-        if settings.env == "production":
-            # Not a failure (a mesh sidecar may terminate TLS), but said: serve logs it too.
-            return (
-                "ok, but plaintext_listener: plain HTTP in production (set "
-                "CITADEL_TLS_CERT_FILE and CITADEL_TLS_KEY_FILE unless a sidecar terminates TLS)"
-            )
+        # Production only (see findings). Not a failure (a mesh sidecar may
+        # terminate TLS), but said, as serve logs it.
+        return (
+            "ok, but plaintext_listener: plain HTTP in production (set "
+            "CITADEL_TLS_CERT_FILE and CITADEL_TLS_KEY_FILE unless a sidecar terminates TLS)"
+        )
     loaded = ContextReloader.start(files).loaded
     expiry = loaded.not_after.strftime("%Y-%m-%d")
     if loaded.expired:
