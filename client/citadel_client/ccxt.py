@@ -1,0 +1,808 @@
+"""ccxt exchanges that sign through Citadel: the exchange secret is only ever a ciphertext.
+
+``exchange(id, client, config)`` and ``async_exchange(id, client, config)``
+return an instance of ccxt's own class for ``id`` (a per-instance subclass of
+it), built from ccxt's own ``config`` except that ``secret`` and
+``privateKey`` hold the ciphertexts ``/encrypt`` returned for them. ccxt builds
+every request as it always does; where it would compute a signature with the
+secret, the adapter asks Citadel's ``/sign`` for it instead.
+
+How (``docs/ccxt.md`` has the long form):
+
+- ccxt decides how to sign from the secret's *form* (a PEM or not, its
+  length, whether it is base64), so the object's ``secret`` is a *stand-in*:
+  a string of the same form as the real secret, holding nothing of it. The
+  form is learned once per ciphertext from Citadel itself, by trial
+  ``/sign`` calls on a fixed message under the ``sign`` operation (which of
+  a few algorithm and key-encoding pairs the secret parses as), never from
+  the secret's value.
+- ccxt's signing primitives (``hmac``, ``rsa``, ``eddsa``, ``ecdsa``,
+  ``jwt``, ``hash``) are replaced on the instance, never on a ccxt class.
+  A call whose key is the stand-in (or a form of it ccxt made: its bytes,
+  its base64 or hex decoding, the 32-byte seed of a 64-byte Ed25519 key)
+  becomes one ``/sign`` request; a key that is one of ccxt's own constants
+  (a broker id in its options) is left to ccxt; anything else touching the
+  stand-in (a key derived from the secret, a scheme ``/sign`` lacks, the
+  secret sent as it is) raises :class:`NotCovered` before anything is sent.
+- Sync: the primitive blocks on Citadel, as ccxt blocks on the exchange.
+  Async: ccxt's ``sign()`` is synchronous, so it runs once with placeholder
+  signatures; the request's ``fetch`` then awaits Citadel for each recorded
+  message and puts the real signatures in place of the placeholders before
+  ccxt's own ``fetch`` sends it. The event loop never waits on Citadel, and
+  ccxt's throttling, retries (each retry signs again) and several keyed
+  calls in one request (KuCoin's passphrase) are ccxt's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import threading
+import urllib.parse
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from citadel_client.client import AsyncCitadelClient, CitadelClient
+from citadel_client.errors import CitadelError, InvalidKey
+
+__all__ = ["NotCovered", "async_exchange", "exchange", "learn_form"]
+
+
+class NotCovered(CitadelError):
+    """ccxt would sign this request in a way ``/sign`` cannot do; nothing was sent.
+
+    Raised before the request leaves the process: the adapter never signs
+    with anything but Citadel, and never sends a request ccxt would have
+    signed differently.
+    """
+
+    code = "not_covered"
+    status = 0
+    default_detail = "This request is signed in a way Citadel's /sign does not cover."
+
+
+# -- the secret's form, learned from Citadel -------------------------------------------------------
+
+# The fixed message of the trial signatures. Its signatures say nothing about the
+# secret beyond whether it parses as each kind of key (anyone holding `sign` could
+# ask for signatures of any message anyway).
+PROBE_MESSAGE: Final = "citadel-client ccxt form probe"
+# (form, algorithm, key_encoding), the most specific form first.
+_PROBES: Final = (
+    ("rsa-pem", "rsa-pkcs1v15-sha256", "pem"),
+    ("ed25519-pem", "ed25519", "pem"),
+    ("ec-pem", "ecdsa-p256-sha256", "pem"),
+    ("ed25519-base64", "ed25519", "base64"),
+    ("ed25519-hex", "ed25519", "hex"),
+    ("hex", "hmac-sha256", "hex"),
+    ("base64", "hmac-sha256", "base64"),
+)
+FORMS: Final = (*(form for form, _, _ in _PROBES), "text")
+
+_FORM_CACHE: weakref.WeakKeyDictionary[object, dict[tuple[str, str], str]] = (
+    weakref.WeakKeyDictionary()
+)
+_CACHE_LOCK = threading.Lock()
+
+
+def _cache_key(ciphertext: str, context: Mapping[str, str] | None) -> tuple[str, str]:
+    return ciphertext, json.dumps(dict(context or {}), sort_keys=True)
+
+
+def _form_of(answers: dict[str, bool]) -> str:
+    """The form of a secret from which probes it passed (``text``: none but utf-8 HMAC)."""
+    for form, _, _ in _PROBES:
+        if answers.get(form):
+            return form
+    return "text"
+
+
+def _sign_kwargs(context: Mapping[str, str] | None) -> dict[str, Any]:
+    return {} if context is None else {"context": dict(context)}
+
+
+def learn_form(
+    client: CitadelClient, ciphertext: str, context: Mapping[str, str] | None = None
+) -> str:
+    """The form of the secret in ``ciphertext`` (one of :data:`FORMS`), by trial ``/sign`` calls.
+
+    What it reveals to this process: which of the probed kinds of key the secret
+    parses as (an RSA, Ed25519 or P-256 PEM, an Ed25519 key in base64 or hex, a
+    hex or base64 string, or other text), nothing of its value or length.
+    Cached per client and ciphertext.
+    """
+    key = _cache_key(ciphertext, context)
+    with _CACHE_LOCK:
+        cached = _FORM_CACHE.setdefault(client, {}).get(key)
+    if cached is not None:
+        return cached
+    answers: dict[str, bool] = {}
+    for form, algorithm, key_encoding in _PROBES:
+        try:
+            client.sign(
+                ciphertext,
+                PROBE_MESSAGE,
+                algorithm=algorithm,  # type: ignore[arg-type]
+                key_encoding=key_encoding,  # type: ignore[arg-type]
+                **_sign_kwargs(context),
+            )
+        except InvalidKey:
+            answers[form] = False
+        else:
+            answers[form] = True
+            if form.endswith("-pem"):
+                break  # the PEM forms exclude each other and every other form
+    form = _form_of(answers)
+    with _CACHE_LOCK:
+        _FORM_CACHE.setdefault(client, {})[key] = form
+    return form
+
+
+async def learn_form_async(
+    client: AsyncCitadelClient, ciphertext: str, context: Mapping[str, str] | None = None
+) -> str:
+    """:func:`learn_form` with the async client (the probes run concurrently)."""
+    key = _cache_key(ciphertext, context)
+    cached = _FORM_CACHE.setdefault(client, {}).get(key)
+    if cached is not None:
+        return cached
+
+    async def probe(algorithm: str, key_encoding: str) -> bool:
+        try:
+            await client.sign(
+                ciphertext,
+                PROBE_MESSAGE,
+                algorithm=algorithm,  # type: ignore[arg-type]
+                key_encoding=key_encoding,  # type: ignore[arg-type]
+                **_sign_kwargs(context),
+            )
+        except InvalidKey:
+            return False
+        return True
+
+    results = await asyncio.gather(*(probe(a, e) for _, a, e in _PROBES))
+    form = _form_of({f: ok for (f, _, _), ok in zip(_PROBES, results, strict=True)})
+    _FORM_CACHE.setdefault(client, {})[key] = form
+    return form
+
+
+def _stand_in(form: str) -> str:
+    """A string of ``form`` that holds nothing of any secret (random, fresh per object).
+
+    Its shape follows what ccxt tests: PEMs carry their label and a length on
+    the right side of Binance's 120-character line between Ed25519 and RSA;
+    an Ed25519 key in base64 is 88 characters (Coinbase's test); a base64 HMAC
+    secret has no padding (so Coinbase does not take it for an Ed25519 key).
+    The PEM bodies are not base64 DER, so nothing can ever load them as a key.
+    """
+    token = os.urandom(16).hex()
+    if form == "rsa-pem":
+        body = "\n".join(["CITADELSTANDIN" + token] * 26)
+        return f"-----BEGIN PRIVATE KEY-----\n{body}\n-----END PRIVATE KEY-----\n"
+    if form == "ed25519-pem":
+        return (
+            f"-----BEGIN PRIVATE KEY-----\nCITADELSTANDIN{token[:32]}\n-----END PRIVATE KEY-----\n"
+        )
+    if form == "ec-pem":
+        body = "\n".join(["CITADELSTANDIN" + token] * 4)
+        return f"-----BEGIN EC PRIVATE KEY-----\n{body}\n-----END EC PRIVATE KEY-----\n"
+    if form == "ed25519-base64":
+        return base64.b64encode(os.urandom(64)).decode("ascii")
+    if form == "ed25519-hex":
+        return os.urandom(64).hex()
+    if form == "hex":
+        # 33 bytes: 66 hex digits, not a multiple of 4, so not base64 as well.
+        return os.urandom(33).hex()
+    if form == "base64":
+        return base64.b64encode(os.urandom(30)).decode("ascii")
+    return "citadel-stand-in-" + token
+
+
+# -- the keys ccxt may use, and what Citadel signs with for each --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """A value ccxt may pass as a key: which ciphertext and how Citadel reads the secret."""
+
+    ciphertext: str
+    form: str
+    key_encoding: str  # for HMAC; asymmetric forms use their own
+
+
+@dataclass
+class _Credential:
+    name: str
+    ciphertext: str
+    form: str
+    stand_in: str
+    keys: dict[object, _Key] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = self.stand_in
+        self.keys[s] = _Key(self.ciphertext, self.form, "utf-8")
+        self.keys[s.encode("utf-8")] = _Key(self.ciphertext, self.form, "utf-8")
+        if self.form in ("base64", "ed25519-base64"):
+            raw = base64.b64decode(s)
+            self.keys[raw] = _Key(self.ciphertext, self.form, "base64")
+            if self.form == "ed25519-base64":
+                self.keys[raw[:32]] = _Key(self.ciphertext, self.form, "base64")
+        if self.form in ("hex", "ed25519-hex"):
+            raw = bytes.fromhex(s)
+            self.keys[raw] = _Key(self.ciphertext, self.form, "hex")
+            if self.form == "ed25519-hex":
+                self.keys[raw[:32]] = _Key(self.ciphertext, self.form, "hex")
+
+    def touches(self, value: object) -> bool:
+        """Whether ``value`` holds or is part of the stand-in in any form (a derived key)."""
+        if isinstance(value, bytearray):
+            value = bytes(value)
+        for known in self.keys:
+            if type(known) is not type(value) or not isinstance(value, str | bytes):
+                continue
+            if len(value) >= 8 and (value in known or known in value):  # type: ignore[operator]
+                return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One signature to ask Citadel for."""
+
+    key: _Key
+    algorithm: str
+    message: bytes
+    key_encoding: str
+    signature_encoding: str  # hex, base64, base64url
+    out: str  # what ccxt's primitive returned: "hex", "base64", "base64url", "binary"
+
+
+_HMAC_ALGORITHMS: Final = {
+    hashlib.sha256: "hmac-sha256",
+    hashlib.sha384: "hmac-sha384",
+    hashlib.sha512: "hmac-sha512",
+}
+_JWT_HMAC: Final = {"sha256": "hmac-sha256", "sha384": "hmac-sha384", "sha512": "hmac-sha512"}
+_SIGNATURE_BYTES: Final = {
+    "hmac-sha256": 32,
+    "hmac-sha384": 48,
+    "hmac-sha512": 64,
+    "ed25519": 64,
+    "ecdsa-p256-sha256": 64,
+    "rsa-pkcs1v15-sha256": 256,
+}
+
+
+def _message_fields(message: bytes) -> tuple[str, str]:
+    try:
+        return message.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(message).decode("ascii"), "base64"
+
+
+def _to_out(signature: str, call: _Call) -> str | bytes:
+    """Citadel's signature in the shape ccxt's primitive returns."""
+    if call.out == "binary":
+        return bytes.fromhex(signature)
+    return signature
+
+
+def _ccxt_constants(value: object, found: set[object]) -> None:
+    """Every string in ccxt's own options (broker ids and keys that ccxt ships)."""
+    if isinstance(value, str) and len(value) >= 8:
+        found.add(value)
+        found.add(value.encode("utf-8"))
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _ccxt_constants(item, found)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _ccxt_constants(item, found)
+
+
+# -- the per-instance machinery --------------------------------------------------------------------
+
+
+class _Signer:
+    """What an adapted exchange object holds: its credentials, and how it reaches Citadel."""
+
+    def __init__(
+        self,
+        ex: Any,
+        client: CitadelClient | AsyncCitadelClient,
+        secrets: dict[str, str],
+        context: Mapping[str, str] | None,
+        originals: dict[str, Callable[..., Any]],
+    ) -> None:
+        self.ex = ex
+        self.client = client
+        self.secrets = secrets  # credential name -> ciphertext
+        self.context = context
+        self.originals = originals
+        self.credentials: dict[str, _Credential] = {}
+        self.constants: set[object] = set()
+        _ccxt_constants(getattr(ex, "options", {}), self.constants)
+        self.recording: list[tuple[_Call, str | bytes]] | None = None
+        self.last_pending: list[tuple[_Call, str | bytes]] | None = None
+        self.in_sign = False
+
+    @property
+    def ready(self) -> bool:
+        return len(self.credentials) == len(self.secrets)
+
+    def adopt(self, name: str, form: str) -> None:
+        stand_in = _stand_in(form)
+        self.credentials[name] = _Credential(name, self.secrets[name], form, stand_in)
+        setattr(self.ex, name, stand_in)
+
+    # -- recognising keys --
+
+    def key_for(self, value: object) -> _Key | None:
+        """The credential ``value`` is a form of, None for ccxt's own constants and other keys.
+
+        A value that touches a stand-in without being one of its known forms
+        is a key ccxt derived from the secret: :class:`NotCovered`.
+        """
+        if isinstance(value, bytearray):
+            value = bytes(value)
+        if not isinstance(value, str | bytes):
+            return None
+        for cred in self.credentials.values():
+            known = cred.keys.get(value)
+            if known is not None:
+                return known
+        if value in self.constants:
+            return None
+        for cred in self.credentials.values():
+            if cred.touches(value):
+                raise NotCovered(
+                    f"{self.ex.id} derives a key from its {cred.name}, which /sign cannot do."
+                )
+        if not self.ready and isinstance(value, str) and value.startswith(_UNRESOLVED):
+            raise NotCovered(f"{self.ex.id} signs before the adapter learned the secret's form.")
+        return None
+
+    def refuse_tainted(self, what: str, value: object) -> None:
+        for cred in self.credentials.values():
+            if cred.touches(value):
+                raise NotCovered(
+                    f"{self.ex.id} uses its {cred.name} in {what}, which /sign cannot do."
+                )
+
+    # -- signing --
+
+    def signature(self, call: _Call) -> str | bytes:
+        """Sync: Citadel's signature now. Async: a placeholder, recorded for the fetch."""
+        if self.recording is not None:
+            placeholder = _placeholder(call)
+            self.recording.append((call, placeholder))
+            return placeholder
+        if isinstance(self.client, AsyncCitadelClient):
+            raise NotCovered(
+                f"{self.ex.id} signs outside a REST request (e.g. a websocket authenticate), "
+                "which the async adapter cannot route to Citadel."
+            )
+        return _to_out(self._sign_sync(call), call)
+
+    def _sign_args(self, call: _Call) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        message, message_encoding = _message_fields(call.message)
+        kwargs: dict[str, Any] = {
+            "algorithm": call.algorithm,
+            "message_encoding": message_encoding,
+            "key_encoding": call.key_encoding,
+            "signature_encoding": call.signature_encoding,
+            **_sign_kwargs(self.context),
+        }
+        return (call.key.ciphertext, message), kwargs
+
+    def _sign_sync(self, call: _Call) -> str:
+        assert isinstance(self.client, CitadelClient)
+        args, kwargs = self._sign_args(call)
+        return self.client.sign(*args, **kwargs)
+
+    async def resolve(self, pending: list[tuple[_Call, str | bytes]]) -> list[str | bytes]:
+        """Citadel's signatures for the recorded calls, in order (chained ones one by one)."""
+        assert isinstance(self.client, AsyncCitadelClient)
+        client = self.client
+        placeholders = [_text(p) for _, p in pending]
+        chained = any(
+            any(p.encode("latin-1") in call.message for p in placeholders[:i])
+            for i, (call, _) in enumerate(pending)
+        )
+
+        async def one(call: _Call) -> str:
+            args, kwargs = self._sign_args(call)
+            return await client.sign(*args, **kwargs)
+
+        if not chained:
+            sigs = await asyncio.gather(*(one(call) for call, _ in pending))
+            return [_to_out(s, call) for s, (call, _) in zip(sigs, pending, strict=True)]
+        out: list[str | bytes] = []
+        for i, (call, _) in enumerate(pending):
+            message = call.message
+            for j in range(i):
+                message = message.replace(
+                    placeholders[j].encode("latin-1"), _text(out[j]).encode("latin-1")
+                )
+            got = _to_out(await one(_replace_message(call, message)), call)
+            out.append(got)
+        return out
+
+
+_UNRESOLVED: Final = "citadel-unresolved-"
+
+
+def _replace_message(call: _Call, message: bytes) -> _Call:
+    return _Call(
+        call.key, call.algorithm, message, call.key_encoding, call.signature_encoding, call.out
+    )
+
+
+def _placeholder(call: _Call) -> str | bytes:
+    raw = os.urandom(_SIGNATURE_BYTES[call.algorithm])
+    if call.out == "binary":
+        return raw
+    if call.out == "hex":
+        return raw.hex()
+    if call.out == "base64":
+        return base64.b64encode(raw).decode("ascii")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _forms(value: str | bytes) -> list[str]:
+    """The strings a signature can turn into on its way into a request (raw bytes get encoded)."""
+    if isinstance(value, bytes):
+        texts = [
+            base64.b64encode(value).decode(),
+            base64.urlsafe_b64encode(value).decode(),
+            base64.urlsafe_b64encode(value).rstrip(b"=").decode(),
+            value.hex(),
+        ]
+    else:
+        texts = [value]
+    out: list[str] = []
+    for text in texts:
+        for form in (
+            text,
+            urllib.parse.quote(text, safe="~()*!.'"),
+            urllib.parse.quote_plus(text),
+            urllib.parse.quote(text, safe=""),
+        ):
+            if form not in out:
+                out.append(form)
+    return out
+
+
+def _substitute(
+    url: str,
+    headers: Any,
+    body: Any,
+    pending: list[tuple[_Call, str | bytes]],
+    real: list[str | bytes],
+) -> tuple[str, Any, Any]:
+    """The request with each placeholder replaced by its signature, in every form it took."""
+    pairs: list[tuple[str, str]] = []
+    for (_, placeholder), signature in zip(pending, real, strict=True):
+        for fake, true in zip(_forms(placeholder), _forms(signature), strict=True):
+            pairs.append((fake, true))
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            for fake, true in pairs:
+                if fake in value:
+                    value = value.replace(fake, true)
+            return value
+        if isinstance(value, bytes):
+            return fill(value.decode("utf-8")).encode("utf-8")
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return value
+
+    return fill(url), fill(headers), fill(body)
+
+
+def _placeholders_left(
+    url: str, headers: Any, body: Any, pending: list[tuple[_Call, str | bytes]]
+) -> bool:
+    text = url + repr(headers) + repr(body)
+    return any(form in text for _, p in pending for form in _forms(p))
+
+
+# -- the primitives, per instance ------------------------------------------------------------------
+
+
+def _install(ex: Any, signer: _Signer) -> None:
+    """Replace ccxt's signing primitives on ``ex`` alone; its class and other objects keep them."""
+    orig = signer.originals
+
+    def hmac_(
+        request: Any, secret: Any, algorithm: Any = hashlib.sha256, digest: str = "hex"
+    ) -> Any:
+        key = signer.key_for(secret)
+        if key is None:
+            signer.refuse_tainted("an HMAC message", request)
+            return orig["hmac"](request, secret, algorithm, digest)
+        name = _HMAC_ALGORITHMS.get(algorithm)
+        if name is None:
+            raise NotCovered(f"{ex.id} signs with an HMAC hash that /sign does not offer.")
+        if key.form.endswith("-pem"):
+            raise NotCovered(f"{ex.id} uses a PEM key as an HMAC secret.")
+        encoding = {"hex": "hex", "base64": "base64"}.get(digest, "hex")
+        call = _Call(
+            key,
+            name,
+            bytes(request),
+            key.key_encoding,
+            encoding,
+            digest if digest in ("hex", "base64") else "binary",
+        )
+        return signer.signature(call)
+
+    def rsa_(request: Any, secret: Any, alg: str = "sha256", padding_mode: str = "pkcs1") -> Any:
+        key = signer.key_for(secret)
+        if key is None:
+            return orig["rsa"](request, secret, alg, padding_mode)
+        if key.form != "rsa-pem" or alg != "sha256" or padding_mode != "pkcs1":
+            raise NotCovered(f"{ex.id} signs with an RSA scheme other than PKCS#1 v1.5 SHA-256.")
+        msg = request.encode("utf-8") if isinstance(request, str) else bytes(request)
+        return signer.signature(_Call(key, "rsa-pkcs1v15-sha256", msg, "pem", "base64", "base64"))
+
+    def eddsa_(request: Any, secret: Any, curve: str = "ed25519", url_encode: bool = False) -> Any:
+        key = signer.key_for(secret)
+        if key is None:
+            return orig["eddsa"](request, secret, curve, url_encode)
+        if curve != "ed25519" or key.form not in ("ed25519-pem", "ed25519-base64", "ed25519-hex"):
+            raise NotCovered(f"{ex.id} signs with an EdDSA key /sign cannot read.")
+        encoding = {"ed25519-pem": "pem", "ed25519-base64": "base64", "ed25519-hex": "hex"}[
+            key.form
+        ]
+        out = "base64url" if url_encode else "base64"
+        msg = request.encode("utf-8") if isinstance(request, str) else bytes(request)
+        return signer.signature(_Call(key, "ed25519", msg, encoding, out, out))
+
+    def ecdsa_(
+        request: Any,
+        secret: Any,
+        algorithm: str = "p256",
+        hash: Any = None,
+        fixed_length: bool = False,
+    ) -> Any:
+        key = signer.key_for(secret)
+        if key is None:
+            return orig["ecdsa"](request, secret, algorithm, hash, fixed_length)
+        # ccxt's ecdsa returns a recovery id too, which needs the public key; and
+        # secp256k1 over a caller's digest would make Citadel a blind signer.
+        raise NotCovered(
+            f"{ex.id} signs with ECDSA ({algorithm}) outside a JWT, which /sign does not cover."
+        )
+
+    def hash_(request: Any, algorithm: str = "md5", digest: str = "hex") -> Any:
+        signer.refuse_tainted("a hash", request)
+        return orig["hash"](request, algorithm, digest)
+
+    def jwt_(
+        request: Any, secret: Any, algorithm: str = "sha256", is_rsa: bool = False, opts: Any = None
+    ) -> Any:
+        opts = opts or {}
+        key = signer.key_for(secret)
+        if key is None:
+            return orig["jwt"](request, secret, algorithm, is_rsa, opts)
+        alg = ("RS" if is_rsa else "HS") + algorithm[3:]
+        if opts.get("alg") is not None:
+            alg = opts["alg"]
+        header_opts = {"alg": alg, "typ": "JWT"}
+        if opts.get("kid") is not None:
+            header_opts["kid"] = opts["kid"]
+        if opts.get("nonce") is not None:
+            header_opts["nonce"] = opts["nonce"]
+        header = ex.urlencode_base64(ex.encode(ex.json(header_opts)))
+        data = ex.urlencode_base64(ex.encode(ex.json(request)))
+        token = header + "." + data
+        kind = alg[0:2]
+        msg = token.encode("utf-8")
+        if is_rsa or kind == "RS":
+            if key.form != "rsa-pem" or algorithm != "sha256":
+                raise NotCovered(f"{ex.id} signs a JWT with an RSA scheme /sign does not offer.")
+            call = _Call(key, "rsa-pkcs1v15-sha256", msg, "pem", "base64url", "base64url")
+        elif kind == "ES":
+            if key.form != "ec-pem" or algorithm != "sha256":
+                raise NotCovered(f"{ex.id} signs a JWT with an ECDSA scheme /sign does not offer.")
+            call = _Call(key, "ecdsa-p256-sha256", msg, "pem", "base64url", "base64url")
+        elif kind == "Ed":
+            encoding = {"ed25519-pem": "pem", "ed25519-base64": "base64", "ed25519-hex": "hex"}.get(
+                key.form
+            )
+            if encoding is None:
+                raise NotCovered(f"{ex.id} signs an EdDSA JWT with a key /sign cannot read.")
+            call = _Call(key, "ed25519", msg, encoding, "base64url", "base64url")
+        else:
+            name = _JWT_HMAC.get(algorithm)
+            if name is None or key.form.endswith("-pem"):
+                raise NotCovered(f"{ex.id} signs a JWT with an HMAC scheme /sign does not offer.")
+            call = _Call(key, name, msg, key.key_encoding, "base64url", "base64url")
+        return token + "." + _text(signer.signature(call))
+
+    for name, fn in (
+        ("hmac", hmac_),
+        ("rsa", rsa_),
+        ("eddsa", eddsa_),
+        ("ecdsa", ecdsa_),
+        ("hash", hash_),
+        ("jwt", jwt_),
+    ):
+        setattr(ex, name, fn)
+
+
+def _refuse_secret_in_request(signer: _Signer, url: str, headers: Any, body: Any) -> None:
+    text = url + repr(headers) + repr(body)
+    for cred in signer.credentials.values():
+        if cred.stand_in in text or urllib.parse.quote(cred.stand_in) in text:
+            raise NotCovered(
+                f"{signer.ex.id} sends its {cred.name} itself, which Citadel never gives out."
+            )
+
+
+# -- building the objects --------------------------------------------------------------------------
+
+_CREDENTIALS: Final = ("secret", "privateKey")
+_PRIMITIVES: Final = ("hmac", "rsa", "eddsa", "ecdsa", "hash", "jwt")
+
+
+def _split_config(
+    config: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, str], Mapping[str, str] | None]:
+    conf = dict(config)
+    context = conf.pop("citadel_context", None)
+    secrets = {
+        name: conf[name] for name in _CREDENTIALS if isinstance(conf.get(name), str) and conf[name]
+    }
+    for name in secrets:
+        conf[name] = _UNRESOLVED + name
+    return conf, secrets, context
+
+
+def _resolve_class(module: Any, exchange_id: str | type) -> type:
+    if isinstance(exchange_id, type):
+        return exchange_id
+    cls = getattr(module, exchange_id, None)
+    if not isinstance(cls, type) or exchange_id not in getattr(module, "exchanges", ()):
+        raise ValueError(f"ccxt has no exchange {exchange_id!r}")
+    return cls
+
+
+def _check_context_support(client: object, context: object) -> None:
+    if context is not None and "context" not in inspect.signature(client.sign).parameters:  # type: ignore[attr-defined]
+        raise NotCovered("This citadel-client cannot send an encryption context (citadel_context).")
+
+
+def exchange(exchange_id: str | type, client: CitadelClient, config: Mapping[str, Any]) -> Any:
+    """An instance of ``ccxt.<exchange_id>`` whose secret is the ciphertext in ``config``.
+
+    ``exchange_id`` may also be a subclass of a ccxt exchange class (your own,
+    or one whose ``fetch`` a test replaces). Requests sign through ``client``
+    (whose caller needs the ``sign`` operation only); the secret's form is
+    learned from Citadel at the first request.
+    """
+    base: Any = _resolve_class(importlib.import_module("ccxt"), exchange_id)
+    conf, secrets, context = _split_config(config)
+    _check_context_support(client, context)
+    originals = {name: getattr(base, name) for name in _PRIMITIVES}
+
+    def _prepare(self: Any) -> None:
+        signer: _Signer = self._citadel
+        for name, ciphertext in signer.secrets.items():
+            if name not in signer.credentials:
+                signer.adopt(name, learn_form(client, ciphertext, context))
+
+    def fetch2(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _prepare(self)
+        return base.fetch2(self, *args, **kwargs)
+
+    def sign(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _prepare(self)
+        request = base.sign(self, *args, **kwargs)
+        _refuse_secret_in_request(
+            self._citadel, request.get("url", ""), request.get("headers"), request.get("body")
+        )
+        return request
+
+    cls = type(base.__name__, (base,), {"fetch2": fetch2, "sign": sign, "__module__": __name__})
+    ex = cls(conf)
+    ex._citadel = _Signer(ex, client, secrets, context, originals)
+    _install(ex, ex._citadel)
+    return ex
+
+
+def async_exchange(
+    exchange_id: str | type, client: AsyncCitadelClient, config: Mapping[str, Any]
+) -> Any:
+    """An instance of ``ccxt.async_support.<exchange_id>`` whose secret is ``config``'s ciphertext.
+
+    Never blocks its event loop on Citadel: the secret's form is learned at the
+    first request (awaited), ``sign()`` runs with placeholder signatures, and
+    ``fetch`` awaits Citadel's signatures and puts them in before ccxt sends.
+    """
+    base: Any = _resolve_class(importlib.import_module("ccxt.async_support"), exchange_id)
+    conf, secrets, context = _split_config(config)
+    _check_context_support(client, context)
+    originals = {name: getattr(base, name) for name in _PRIMITIVES}
+
+    async def fetch2(self: Any, *args: Any, **kwargs: Any) -> Any:
+        signer: _Signer = self._citadel
+        for name, ciphertext in signer.secrets.items():
+            if name not in signer.credentials:
+                form = await learn_form_async(client, ciphertext, context)
+                if name not in signer.credentials:
+                    signer.adopt(name, form)
+        return await base.fetch2(self, *args, **kwargs)
+
+    def sign(self: Any, *args: Any, **kwargs: Any) -> Any:
+        signer: _Signer = self._citadel
+        if not signer.ready:
+            raise NotCovered(f"{self.id}: sign() before the first request of the async adapter.")
+        signer.recording = []
+        try:
+            request = base.sign(self, *args, **kwargs)
+        finally:
+            pending, signer.recording = signer.recording, None
+        _refuse_secret_in_request(
+            signer, request.get("url", ""), request.get("headers"), request.get("body")
+        )
+        # fetch2 calls fetch right after sign, with no await between: this is that request's.
+        signer.last_pending = pending
+        return request
+
+    async def fetch(
+        self: Any, url: str, method: str = "GET", headers: Any = None, body: Any = None
+    ) -> Any:
+        signer: _Signer = self._citadel
+        pending, signer.last_pending = signer.last_pending, None
+        if pending:
+            real = await signer.resolve(pending)
+            url, headers, body = _substitute(url, headers, body, pending, real)
+            if _placeholders_left(url, headers, body, pending) or not _all_used(
+                pending, real, url, headers, body
+            ):
+                raise NotCovered(
+                    f"{self.id} transforms its signature in a way the async adapter cannot follow."
+                )
+        return await base.fetch(self, url, method, headers, body)
+
+    cls = type(
+        base.__name__,
+        (base,),
+        {"fetch2": fetch2, "sign": sign, "fetch": fetch, "__module__": __name__},
+    )
+    ex = cls(conf)
+    ex._citadel = _Signer(ex, client, secrets, context, originals)
+    _install(ex, ex._citadel)
+    return ex
+
+
+def _all_used(
+    pending: list[tuple[_Call, str | bytes]],
+    real: list[str | bytes],
+    url: str,
+    headers: Any,
+    body: Any,
+) -> bool:
+    """Every signature ended up in the request (else ccxt hid it in a form we did not replace)."""
+    text = url + repr(headers) + repr(body)
+    for (_, placeholder), signature in zip(pending, real, strict=True):
+        if not any(form in text for form in _forms(signature)):
+            # A chained signature went into a later signed message, not the request.
+            mark = _text(placeholder).encode("latin-1")
+            if not any(mark in call.message for call, _ in pending):
+                return False
+    return True

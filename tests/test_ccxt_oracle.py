@@ -1,0 +1,116 @@
+"""citadel_client.ccxt against ccxt itself: the requests are byte for byte plain ccxt's.
+
+For every case of tests/ccxt_oracle.py, sync and async, against a live Citadel
+on loopback whose caller holds only ``sign``: a plain ccxt object with the
+plaintext secret and the adapter's object with its ciphertext, with the same
+frozen clock and ids, build each private request; both are captured instead of
+sent and compared (URL, method, headers, body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import ccxt
+import ccxt.async_support as ccxt_async
+import pytest
+from ccxt_oracle import (
+    CASES,
+    PARAMS,
+    SECRETS,
+    Captured,
+    Case,
+    capture_class,
+    freeze,
+    private_endpoints,
+)
+from support import KEYS, Served, make_settings, serve_citadel
+
+from citadel_client import AsyncCitadelClient, CitadelClient
+from citadel_client.ccxt import async_exchange, exchange
+
+ACL = {"sentinel": ["encrypt"], "conductor": ["sign"], "api-gateway": [], "alchemist": []}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("ccxt"),
+        acl=ACL,
+        rate_limit_per_caller="1000000/minute",
+        rate_limit_per_user="1000000/minute",
+    )
+    with serve_citadel(settings) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ciphertexts(served: Served) -> dict[str, str]:
+    with CitadelClient(served.url, api_key=KEYS["sentinel"]) as sentinel:
+        return {form: sentinel.encrypt(secret) for form, secret in SECRETS.items()}
+
+
+@pytest.fixture(scope="module")
+def conductor(served: Served) -> Iterator[CitadelClient]:
+    with CitadelClient(served.url, api_key=KEYS["conductor"]) as client:
+        yield client
+
+
+def endpoints_of(case: Case, ex: Any) -> list[tuple[Any, str, str]]:
+    return private_endpoints(ex) + list(case.endpoints)
+
+
+def capture_sync(ex: Any, api: Any, method: str, path: str) -> tuple[Any, ...]:
+    with pytest.raises(Captured) as info:
+        ex.request(path, api, method, dict(PARAMS))
+    return info.value.request
+
+
+async def capture_async(ex: Any, api: Any, method: str, path: str) -> tuple[Any, ...]:
+    with pytest.raises(Captured) as info:
+        await ex.request(path, api, method, dict(PARAMS))
+    return info.value.request
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_sync_requests_are_byte_for_byte_plain_ccxts(
+    case: Case, ciphertexts: dict[str, str], conductor: CitadelClient
+) -> None:
+    cls = capture_class(getattr(ccxt, case.exchange_id), asynchronous=False)
+    plain = cls(case.config(SECRETS[case.secret]))
+    adapted = exchange(cls, conductor, case.config(ciphertexts[case.secret]))
+    assert isinstance(adapted, getattr(ccxt, case.exchange_id))
+    endpoints = endpoints_of(case, plain)
+    assert endpoints
+    for api, method, path in endpoints:
+        freeze(plain)
+        freeze(adapted)
+        expected = capture_sync(plain, api, method, path)
+        got = capture_sync(adapted, api, method, path)
+        assert got == expected, (api, method, path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_async_requests_are_byte_for_byte_plain_ccxts(
+    case: Case, served: Served, ciphertexts: dict[str, str]
+) -> None:
+    async def main() -> None:
+        cls = capture_class(getattr(ccxt_async, case.exchange_id), asynchronous=True)
+        plain = cls(case.config(SECRETS[case.secret]))
+        async with AsyncCitadelClient(served.url, api_key=KEYS["conductor"]) as client:
+            adapted = async_exchange(cls, client, case.config(ciphertexts[case.secret]))
+            assert isinstance(adapted, getattr(ccxt_async, case.exchange_id))
+            try:
+                for api, method, path in endpoints_of(case, plain):
+                    freeze(plain)
+                    freeze(adapted)
+                    expected = await capture_async(plain, api, method, path)
+                    got = await capture_async(adapted, api, method, path)
+                    assert got == expected, (api, method, path)
+            finally:
+                await plain.close()
+                await adapted.close()
+
+    asyncio.run(main())
