@@ -552,13 +552,14 @@ def test_without_a_key_file_or_environment_it_exits_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(bulk.API_KEY_ENV, raising=False)
+    monkeypatch.delenv("CITADEL_API_KEY_FILE", raising=False)
     src = write_lines(tmp_path / "in.jsonl", make_input(1))
     err = io.StringIO()
 
     code = bulk.execute(parse(str(src), "--output", str(tmp_path / "o")), stderr=err)
 
     assert code == 2
-    assert "set CITADEL_API_KEY or pass --api-key-file" in err.getvalue()
+    assert "set CITADEL_API_KEY or CITADEL_API_KEY_FILE, or pass --api-key-file" in err.getvalue()
 
 
 def test_standard_output_needs_a_rejects_file(tmp_path: Path, key_file: Path) -> None:

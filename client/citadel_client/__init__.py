@@ -10,15 +10,9 @@ keeps working), and its ``citadel.errors`` is this package's
 :mod:`citadel_client.errors`: one definition of the error codes for both sides.
 """
 
-from citadel_client.client import (
-    AsyncCitadelClient,
-    CitadelClient,
-    KeyEncoding,
-    MessageEncoding,
-    Plaintext,
-    SignAlgorithm,
-    SignatureEncoding,
-)
+from citadel_client._base import KeyEncoding, MessageEncoding, SignAlgorithm, SignatureEncoding
+from citadel_client.async_client import AsyncCitadelClient
+from citadel_client.config import ConfigError
 from citadel_client.errors import (
     AuditUnavailable,
     BadRequest,
@@ -40,6 +34,8 @@ from citadel_client.errors import (
     Unauthenticated,
     error_for_code,
 )
+from citadel_client.plaintext import Plaintext
+from citadel_client.sync_client import CitadelClient
 
 __version__ = "2.1.0"
 
@@ -50,6 +46,7 @@ __all__ = [
     "CitadelClient",
     "CitadelConnectionError",
     "CitadelError",
+    "ConfigError",
     "Forbidden",
     "HeadersTooLarge",
     "InternalError",

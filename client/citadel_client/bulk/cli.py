@@ -16,6 +16,7 @@ from typing import IO, Any, Final
 
 import httpx
 
+from citadel_client.async_client import AsyncCitadelClient
 from citadel_client.bulk.files import UsageError, partial_path, replace_with, resume_from
 from citadel_client.bulk.lines import target_prefix
 from citadel_client.bulk.run import (
@@ -26,10 +27,23 @@ from citadel_client.bulk.run import (
     Rewrapper,
     Sink,
 )
-from citadel_client.client import AsyncCitadelClient
+from citadel_client.config import (
+    ENV_API_KEY,
+    ENV_API_KEY_FILE,
+    ENV_CA_FILE,
+    ENV_CLIENT_CERT_FILE,
+    ENV_CLIENT_KEY_FILE,
+    ENV_URL,
+    Cert,
+    ConfigError,
+    Verify,
+    check_base_url,
+    ssl_context,
+    system_context,
+)
 from citadel_client.transport import AsyncKeepAliveTransport
 
-API_KEY_ENV: Final = "CITADEL_API_KEY"
+API_KEY_ENV: Final = ENV_API_KEY
 MAX_CONCURRENCY: Final = 64  # under httpx's default pool of 100 connections
 
 
@@ -47,8 +61,8 @@ PROG: Final = "citadel-rewrap"
 _HELP: Final = "rewrap the ciphertexts of a JSON-lines file under the active key"
 _DESCRIPTION: Final = (
     "Read JSON lines with an encrypted_data field, rewrap each ciphertext through "
-    f"a running Citadel, write the same lines in order. The API key comes from "
-    f"--api-key-file or ${API_KEY_ENV}, never from the command line. "
+    "a running Citadel, write the same lines in order. The API key comes from "
+    f"--api-key-file, ${ENV_API_KEY_FILE} or ${API_KEY_ENV}, never from the command line. "
     "Exit status: 0 done, 1 done with rejected lines, 2 aborted (resumable with "
     "--resume) or unusable arguments, 130 interrupted. See docs/bulk-rewrap.md."
 )
@@ -79,8 +93,24 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--rejects",
         help="rejects file (default: OUTPUT.rejects; required when writing to standard output)",
     )
-    p.add_argument("--url", default=DEFAULT_URL, help=f"Citadel's base URL (default {DEFAULT_URL})")
-    p.add_argument("--api-key-file", help=f"file holding the API key (default: ${API_KEY_ENV})")
+    p.add_argument("--url", help=f"Citadel's base URL (default: ${ENV_URL}, else {DEFAULT_URL})")
+    p.add_argument(
+        "--api-key-file",
+        help=f"file holding the API key (default: ${ENV_API_KEY_FILE}, else ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--ca-file",
+        help=f"CA bundle that signed Citadel's certificate, for https (default: ${ENV_CA_FILE}, "
+        "else the system's)",
+    )
+    p.add_argument(
+        "--client-cert",
+        help=f"client certificate for mutual TLS, PEM (default: ${ENV_CLIENT_CERT_FILE})",
+    )
+    p.add_argument(
+        "--client-key",
+        help=f"its private key, when not in the certificate file (default: ${ENV_CLIENT_KEY_FILE})",
+    )
     p.add_argument("--api-key", action=_RefuseKeyOnCommandLine, help=argparse.SUPPRESS)
     p.add_argument(
         "--concurrency", type=int, default=16, help="calls in flight at most (default 16)"
@@ -110,35 +140,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     return execute(build_parser().parse_args(argv))
 
 
+def _env(name: str) -> str | None:
+    return os.environ.get(name, "").strip() or None
+
+
 def _api_key(args: argparse.Namespace) -> str:
-    if args.api_key_file:
+    key_file, source = args.api_key_file, "--api-key-file"
+    if not key_file and _env(ENV_API_KEY_FILE):
+        key_file, source = _env(ENV_API_KEY_FILE), ENV_API_KEY_FILE
+    if key_file:
         try:
-            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+            key = Path(key_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read --api-key-file: {type(exc).__name__}") from None
+            raise UsageError(f"cannot read {source}: {type(exc).__name__}") from None
         if not key:
-            raise UsageError("--api-key-file is empty")
+            raise UsageError(f"{source} is empty")
         return key
-    key = os.environ.get(API_KEY_ENV, "").strip()
+    key = _env(API_KEY_ENV) or ""
     if not key:
-        raise UsageError(f"no API key: set {API_KEY_ENV} or pass --api-key-file FILE")
+        raise UsageError(
+            f"no API key: set {API_KEY_ENV} or {ENV_API_KEY_FILE}, or pass --api-key-file FILE"
+        )
     return key
+
+
+def _tls(args: argparse.Namespace) -> ssl.SSLContext:
+    """The lanes' TLS context, from the options or the client's CITADEL_* variables."""
+    ca = args.ca_file or _env(ENV_CA_FILE)
+    cert = args.client_cert or _env(ENV_CLIENT_CERT_FILE)
+    key = args.client_key or _env(ENV_CLIENT_KEY_FILE)
+    if key and not cert:
+        raise UsageError("a client key needs its certificate: --client-cert FILE")
+    verify: Verify = ca if ca else True
+    pair: Cert | None = (cert, key) if cert and key else cert
+    if verify is True and pair is None:
+        return system_context()
+    try:
+        return ssl_context(verify, pair)
+    except ConfigError:
+        # Names the options, never the paths (which may say where secrets live).
+        raise UsageError(
+            "the CA bundle (--ca-file) or the client certificate and key (--client-cert, "
+            "--client-key) cannot be used"
+        ) from None
 
 
 ClientFactory = Callable[[str, str, float], AsyncCitadelClient]
 
 
-def _default_client(url: str, api_key: str, deadline: float) -> AsyncCitadelClient:
+def _default_client(
+    url: str, api_key: str, deadline: float, *, tls: ssl.SSLContext | None = None
+) -> AsyncCitadelClient:
     # One lean kept-alive connection per client, one client per lane (see Rewrapper):
     # httpx's default transport costs more CPU per call than Citadel's answer.
-    transport = AsyncKeepAliveTransport(ssl_context=_tls_context())
+    transport = AsyncKeepAliveTransport(ssl_context=tls or system_context())
     return AsyncCitadelClient(url, api_key, deadline=deadline, transport=transport)
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    # Shared by the lanes: loading the CA store costs ~20 ms each.
-    return ssl.create_default_context()
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
@@ -149,14 +205,14 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
 def execute(
     args: argparse.Namespace,
     *,
-    make_client: ClientFactory = _default_client,
+    make_client: ClientFactory | None = None,
     stdin: IO[bytes] | None = None,
     stdout: IO[bytes] | None = None,
     stderr: IO[str] | None = None,
     handle_signals: bool = True,
 ) -> int:
     """Run the tool on parsed arguments; the keyword arguments are for tests (a fast retry
-    clock, pipes)."""
+    clock, pipes); ``make_client`` None makes the lanes' own clients, TLS options included."""
     err = stderr or sys.stderr
     name = getattr(args, "rewrap_prog", "citadel rewrap")
 
@@ -172,7 +228,7 @@ def execute(
 
 def _execute(
     args: argparse.Namespace,
-    make_client: ClientFactory,
+    make_client: ClientFactory | None,
     stdin: IO[bytes] | None,
     stdout: IO[bytes] | None,
     err: IO[str],
@@ -186,12 +242,14 @@ def _execute(
     if args.skip_prefix is not None and target_prefix(args.skip_prefix) != args.skip_prefix:
         # A wrong prefix would pass lines through unrewrapped: only the two exact forms.
         raise UsageError("--skip-prefix must be cit1:<key id>: or ev:")
+    raw_url, url_source = args.url, "--url"
+    if not raw_url:
+        raw_url, url_source = _env(ENV_URL) or DEFAULT_URL, ENV_URL
     try:
-        url = httpx.URL(args.url)
-    except httpx.InvalidURL:
-        raise UsageError("--url is not a URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise UsageError("--url must be an http:// or https:// URL")
+        check_base_url(raw_url, url_source)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    url = httpx.URL(raw_url)
     # Messages name Citadel's address, never a password in it.
     shown_url = str(url.copy_with(username=None, password=None))
     output = Path(args.output) if args.output else None
@@ -203,8 +261,10 @@ def _execute(
     if output is not None and rejects.resolve() == output.resolve():
         raise UsageError("--rejects and --output must be different files")
     api_key = _api_key(args)
+    if make_client is None:
+        make_client = functools.partial(_default_client, tls=_tls(args))
     try:
-        clients = [make_client(args.url, api_key, args.deadline) for _ in range(args.concurrency)]
+        clients = [make_client(raw_url, api_key, args.deadline) for _ in range(args.concurrency)]
     except ValueError:
         raise UsageError("the API key must be printable ASCII") from None
 
