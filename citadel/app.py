@@ -9,12 +9,16 @@ from typing import IO
 import structlog
 from fastapi import FastAPI
 
-from citadel.api import Operations, add_status_routes, openapi_document
 from citadel.audit import AuditLog
 from citadel.config import ProviderName, SettingError, Settings
-from citadel.http_errors import install_error_handlers
+from citadel.http.addresses import ClientAddresses
+from citadel.http.body import BodyDeadlines
+from citadel.http.errors import install_error_handlers
+from citadel.http.openapi import openapi_document
+from citadel.http.operations import Operations
+from citadel.http.pipeline import Pipeline
+from citadel.http.status_routes import add_status_routes
 from citadel.metrics import Metrics
-from citadel.middleware import BodyDeadlines, CitadelMiddleware
 from citadel.providers.base import Provider
 from citadel.providers.local import LocalProvider
 from citadel.pseudonyms import Pseudonymizer, pseudonym_key
@@ -122,16 +126,16 @@ def create_app(
     add_status_routes(app, status)
     vault = Vault(encryptor, decryptors, settings.max_plaintext_bytes)
     app.add_middleware(
-        CitadelMiddleware,
+        Pipeline,
+        operations=Operations(vault, settings.max_sign_message_bytes),
         authenticator=authenticator,
         audit=audit,
         metrics=metrics,
         pseudonymize=pseudonymize,
-        handlers=Operations(vault, settings.max_sign_message_bytes).handlers,
         body_limits=body_limits(settings),
         deadlines=deadlines,
         limiter=limiter,
-        trusted_proxies=settings.trusted_proxies,
+        addresses=ClientAddresses(settings.trusted_proxies),
     )
     return app
 
@@ -139,10 +143,7 @@ def create_app(
 def app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` and for each worker of ``citadel serve --workers N``."""
     from citadel.logs import configure_logging
-    from citadel.server import GuardedHttpToolsProtocol
 
     settings = Settings()
     configure_logging(settings)
-    # Each worker process imports the protocol by name; its deadline comes from here.
-    GuardedHttpToolsProtocol.header_timeout_s = settings.read_timeout_s
     return create_app(settings)

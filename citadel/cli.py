@@ -52,9 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     if settings.env == "development":
         _dev_banner(settings, args.host, args.port)
-    from citadel.server import GuardedHttpToolsProtocol, uvicorn_options
+    from citadel.http.serving import uvicorn_options
 
-    common = {"host": args.host, "port": args.port, **uvicorn_options(settings.read_timeout_s)}
+    common = {"host": args.host, "port": args.port, **uvicorn_options()}
     if args.workers > 1:
         if settings.rate_limit_storage_uri.startswith("memory://"):
             import structlog
@@ -64,8 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 workers=args.workers,
                 hint="set CITADEL_RATE_LIMIT_STORAGE_URI to a redis:// URI to share limits",
             )
-        # Worker processes import the app and the protocol by name.
-        common["http"] = f"{GuardedHttpToolsProtocol.__module__}:GuardedHttpToolsProtocol"
+        # Worker processes import the app by name (and the protocol class by its own).
         uvicorn.run("citadel.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(app, **common)

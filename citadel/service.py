@@ -77,7 +77,7 @@ class Vault:
     """Checks the size limit, then asks the provider that owns the data.
 
     Who may call which operation is decided before: the request path checks the
-    ACL before it reads a body (see :mod:`citadel.middleware`).
+    ACL before it reads a body (see :mod:`citadel.http.pipeline`).
     """
 
     def __init__(

@@ -35,6 +35,7 @@ from typing import Any
 
 import structlog
 
+from citadel.config import Settings
 from citadel.tls import ContextReloader, TlsFiles
 
 log = structlog.get_logger("citadel")
@@ -213,3 +214,18 @@ def _guarded_protocol() -> Callable[..., asyncio.Protocol]:
 
     protocol: Callable[..., asyncio.Protocol] = uvicorn_options()["http"]
     return protocol
+
+
+def https_options(settings: Settings, options: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn's ``options`` for ``settings``: its HTTP protocol behind TLS when TLS is set.
+
+    :class:`SettingError` naming the setting when the files cannot serve, so
+    that start-up stops before anything listens.
+    """
+    files = TlsFiles.from_settings(settings)
+    if files is None:
+        return options
+    return {
+        **options,
+        "http": TlsListener(files, settings.read_timeout_s, http_protocol=options["http"]),
+    }

@@ -3,7 +3,7 @@
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from citadel.api import CiphertextRequest, EncryptRequest, SignRequest
+from citadel.http.bodies import CiphertextRequest, EncryptRequest, SignRequest
 
 app = FastAPI()
 

@@ -22,8 +22,8 @@ import uvicorn
 
 from citadel.app import create_app
 from citadel.config import Settings
+from citadel.http.serving import uvicorn_options
 from citadel.providers.base import Provider
-from citadel.server import uvicorn_options
 
 KEYS = {
     "sentinel": "sentinel-key-" + "a" * 40,
@@ -89,17 +89,15 @@ class Served:
 
 
 @contextmanager
-def serve_app(app: Any, port: int | None = None, header_timeout_s: float = 10.0) -> Iterator[str]:
+def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
     """Run ``app`` with uvicorn in a thread on loopback; yields its base URL.
 
-    With the options ``citadel serve`` uses (:func:`citadel.server.uvicorn_options`):
+    With the options ``citadel serve`` uses (:func:`citadel.http.serving.uvicorn_options`):
     the guarded HTTP protocol (64 KiB head limit, header deadline, JSON refusals)
     and no proxy headers, so that tests see the edge production has.
     """
     port = port or free_port()
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", **uvicorn_options(header_timeout_s)
-    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", **uvicorn_options())
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -121,7 +119,7 @@ def serve_citadel(
 ) -> Iterator[Served]:
     audit = AuditSink()
     app = create_app(settings, audit_sink=audit, provider=provider)  # type: ignore[arg-type]
-    with serve_app(app, port, header_timeout_s=settings.read_timeout_s) as url:
+    with serve_app(app, port) as url:
         yield Served(url, audit, app)
 
 

@@ -1,7 +1,7 @@
 """Issue 12, the hardening pass: each finding's fix shown through real HTTP.
 
 The server is the one ``citadel serve`` runs (``serve_citadel`` uses the
-guarded protocol of :mod:`citadel.server`), and framing and header abuse go
+guarded protocol of :mod:`citadel.http.protocol`), and framing and header abuse go
 over raw sockets, since an HTTP client library would refuse to send them.
 No wall-clock assertion: waits are bounded by socket and client timeouts,
 and results are counts, codes and orders. Findings about real processes

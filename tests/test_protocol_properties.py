@@ -1,6 +1,6 @@
 """Properties of the guarded HTTP protocol over every way a byte stream can arrive.
 
-The protocol (citadel/server.py) cuts the stream at heads and bodies itself,
+The protocol (citadel/http/protocol.py) cuts the stream at heads and bodies itself,
 so what it answers must not depend on how the kernel happened to split the
 bytes into reads. A real socket cannot be made to deliver chosen reads, so the
 protocol is driven here directly, with the reads hypothesis picks, on a
@@ -22,7 +22,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from uvicorn.server import ServerState
 
-from citadel.server import MAX_HEADER_BYTES, GuardedHttpToolsProtocol
+from citadel.http.protocol import MAX_HEADER_BYTES, GuardedHttpToolsProtocol
 
 PROPERTIES = hypothesis_settings(
     max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]

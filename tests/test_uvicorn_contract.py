@@ -1,4 +1,4 @@
-"""What citadel/server.py relies on in uvicorn and httptools, beyond their public API.
+"""What citadel/http/protocol.py relies on in uvicorn and httptools, beyond their public API.
 
 ``GuardedHttpToolsProtocol`` subclasses uvicorn's httptools protocol, a file
 uvicorn changes often, and drives httptools itself. pyproject.toml pins the
@@ -18,7 +18,7 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-# Attributes of the protocol object that citadel/server.py reads or calls.
+# Attributes of the protocol object that citadel/http/protocol.py reads or calls.
 PROTOCOL_NAMES = [
     "_unset_keepalive_if_required",
     "_unsupported_upgrade_warning",
@@ -33,7 +33,7 @@ PROTOCOL_NAMES = [
     "connection_made",
     "connection_lost",
 ]
-# Set in HttpToolsProtocol.__init__ or connection_made and used by server.py.
+# Set in HttpToolsProtocol.__init__ or connection_made and used by protocol.py.
 PROTOCOL_STATE = [
     "self.cycle",
     "self.flow",
@@ -45,7 +45,7 @@ PROTOCOL_STATE = [
     "self.transport",
     "self.url",
 ]
-# Attributes of a request's cycle that server.py reads or sets.
+# Attributes of a request's cycle that protocol.py reads or sets.
 CYCLE_STATE = [
     "self.transport",
     "self.scope",
@@ -60,7 +60,7 @@ CYCLE_STATE = [
 @pytest.mark.parametrize("name", PROTOCOL_NAMES)
 def test_uvicorn_protocol_still_has_the_methods_citadel_overrides_or_calls(name: str) -> None:
     assert callable(getattr(HttpToolsProtocol, name, None)), (
-        f"uvicorn's HttpToolsProtocol no longer has {name}: citadel/server.py must be "
+        f"uvicorn's HttpToolsProtocol no longer has {name}: citadel/http/protocol.py must be "
         "reviewed against the new uvicorn before its pin is moved"
     )
 

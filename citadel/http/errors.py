@@ -2,38 +2,32 @@
 
 Bodies are ``{"detail", "code"}`` and built only from the error's fixed text,
 so no value from the request can appear in them. FastAPI's default 422 handler
-echoes the input (a plaintext, say); it is replaced here.
+echoes the input (a plaintext, say); it is replaced here, as are its 404 and
+405 bodies.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import orjson
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from citadel.errors import CitadelError, InvalidRequest
-
-log = structlog.get_logger("citadel")
+from citadel.errors import CitadelError, InvalidRequest, MethodNotAllowed
 
 _STATUS_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-class MethodNotAllowed(CitadelError):
-    """A wrong method on an operation path (server side only: clients never send one)."""
-
-    code = "method_not_allowed"
-    status = 405
-    default_detail = "Method Not Allowed."
-
-    def __init__(self) -> None:
-        super().__init__(headers=(("Allow", "POST"),))
+def post_only() -> MethodNotAllowed:
+    """The 405 of an operation's path: the operations take POST only."""
+    return MethodNotAllowed(headers=(("Allow", "POST"),))
 
 
 def error_parts(err: CitadelError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    """Status, body and the headers particular to ``err`` (Retry-After, rate-limit headers)."""
+    """Status, body and the headers particular to ``err`` (Retry-After, Allow)."""
     body = orjson.dumps({"detail": err.detail, "code": err.code})
     headers = []
     if err.retry_after is not None:
@@ -43,6 +37,7 @@ def error_parts(err: CitadelError) -> tuple[int, bytes, list[tuple[bytes, bytes]
 
 
 def error_response(err: CitadelError) -> Response:
+    """``err`` as a Starlette response, for the paths FastAPI serves."""
     status, body, headers = error_parts(err)
     response = Response(content=body, status_code=status, media_type="application/json")
     response.raw_headers.extend([(b"cache-control", b"no-store"), *headers])
@@ -72,8 +67,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _plain_detail(status: int) -> str:
-    from http import HTTPStatus
-
     try:
         return HTTPStatus(status).phrase + "."
     except ValueError:

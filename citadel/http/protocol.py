@@ -1,4 +1,4 @@
-"""The HTTP server: uvicorn's settings and the guards that must act while parsing.
+"""The HTTP/1.1 protocol: uvicorn's httptools protocol with the guards that act while parsing.
 
 uvicorn's httptools protocol accepts request headers of any size and takes
 as long as the client likes to send them; its parser's cost grows
@@ -11,7 +11,7 @@ quadratically with a header sent in many pieces, so one client sending an
   every head is counted from its first byte, also when it arrives in the same
   read as the end of the request before it; a chunked body's framing and
   trailers count against the same 64 KiB;
-- closes a connection whose head does not complete within
+- closes a connection whose head does not complete within the app's
   ``CITADEL_READ_TIMEOUT_S`` (counted from the connection for its first
   request, so that a connection sending nothing is not held either);
 - ignores ``Upgrade`` (RFC 9110 7.8): Citadel serves no websockets or h2c
@@ -22,77 +22,48 @@ quadratically with a header sent in many pieces, so one client sending an
   deadline, before it closes (a lingering close, as Apache and nginx do):
   closing with unread bytes makes the kernel reset the connection, and a proxy
   still writing the body then reports 502 instead of the answer;
-- answers what it refuses itself in JSON with a code and an ``X-Request-ID``.
+- answers what it refuses itself (:mod:`citadel.http.refusals`) in JSON with
+  a code and the request's ``X-Request-ID``.
 
-Bodies are timed by the request path (:mod:`citadel.middleware`), which can audit the 408.
-
-uvicorn's own ``X-Forwarded-For`` handling is off: it trusts 127.0.0.1 by
-default, so a sidecar passing the header through would let any client pick
-its address. Citadel reads the header itself, from ``CITADEL_TRUSTED_PROXIES``
-only.
+Bodies are timed by the pipeline (:mod:`citadel.http.body`), which can audit
+the 408. The private names of uvicorn this relies on are listed, and checked,
+in ``tests/test_uvicorn_contract.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
-import re
 from typing import Any
 
 import httptools
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from citadel.http import framing, refusals, request_ids
+from citadel.http.refusals import Refusal
 
 MAX_HEADER_BYTES = 64 * 1024
 # A chunk's size line and the CRLF after its data, as an honest client sends them.
 CHUNK_LINE_BYTES = 32
 # The most of an unread body drained after an early answer, before closing.
 LINGER_BYTES = 4 * 1024 * 1024
-_HEAD_END = b"\r\n\r\n"
-# Hop-by-hop fields of an upgrade that Citadel ignores (RFC 9110 7.6.1, RFC 7540 3.2.1).
-_UPGRADE_FIELDS = frozenset({b"upgrade", b"http2-settings"})
+# The head deadline of an app that is not Citadel's (the protocol's own tests).
+DEFAULT_HEAD_DEADLINE_S = 10.0
 
 
-# Set in a request's scope when the protocol answers it itself while the app
-# is still reading its body, so the audit line names the code the client got.
-REFUSED = "citadel.refused"
-# Set in a request's scope by the request path: the id its answers carry, the
-# protocol's own refusals included.
-REQUEST_ID = "citadel.request_id"
+def head_deadline_s(app: object) -> float:
+    """``CITADEL_READ_TIMEOUT_S`` of the Citadel app being served, through uvicorn's wrappers.
 
-
-def _refusal(status: int, reason: bytes, code: str, detail: str) -> tuple[str, bytes, bytes]:
-    """The code, the head (less its request id and blank line) and the body of a refusal."""
-    body = orjson.dumps({"detail": detail, "code": code})
-    head = b"".join(
-        [
-            b"HTTP/1.1 %d %s\r\n" % (status, reason),
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"cache-control: no-store\r\n",
-            b"connection: close\r\n",
-        ]
-    )
-    return code, head, body
-
-
-_TOO_LARGE = _refusal(
-    431,
-    b"Request Header Fields Too Large",
-    "headers_too_large",
-    "The request headers are over 64 KiB.",
-)
-_BAD_REQUEST = _refusal(400, b"Bad Request", "bad_request", "The request is not valid HTTP/1.1.")
-_TIMEOUT = _refusal(
-    408, b"Request Timeout", "request_timeout", "The request headers did not arrive in time."
-)
-
-VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-# Ids of the protocol's own refusals, for requests the request path never saw:
-# unique, not secret (the request path's ids have the same shape).
-_REFUSAL_ID_PREFIX = os.urandom(8).hex()
-_refusal_ids = itertools.count(1)
+    The one source of the header deadline: each worker process builds its app
+    from its settings, and every connection's protocol reads it from there.
+    """
+    for _ in range(8):
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        if settings is not None:
+            return float(settings.read_timeout_s)
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return DEFAULT_HEAD_DEADLINE_S
 
 
 class _ResponseTransport:
@@ -120,10 +91,9 @@ class _ResponseTransport:
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """httptools with a head limit and deadline, no upgrades, a lingering close, JSON refusals."""
 
-    header_timeout_s: float = 10.0
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.header_timeout_s = head_deadline_s(self.app)
         # Bytes of the current request's head seen so far; None while its body is read.
         self._head_bytes: int | None = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -147,7 +117,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._linger_timer: asyncio.TimerHandle | None = None
         self._response_transport: _ResponseTransport | None = None
         # A refusal of a pipelined head, sent once the answer before it is out.
-        self._deferred: tuple[str, bytes, bytes] | None = None
+        self._deferred: Refusal | None = None
         # Once anything is refused, nothing more of this connection is served.
         self._refused = False
         # Bytes of the head (then of the trailers) as the parser reported them.
@@ -178,24 +148,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Feed head bytes up to the blank line that ends the head; the rest is returned."""
         if self._head_timer is None:
             self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
-        end = self._head_end(data)
+        end = framing.head_end(self._carry, data)
         piece = data if end < 0 else data[:end]
         self._head_bytes = (self._head_bytes or 0) + len(piece)
         if self._head_bytes > MAX_HEADER_BYTES:
-            self._refuse(_TOO_LARGE)
+            self._refuse(refusals.HEADERS_TOO_LARGE)
             return b""
         self._carry = (self._carry + piece[-3:])[-3:] if end < 0 else b""
         self._feed(piece)
         return data[len(piece) :]
-
-    def _head_end(self, data: bytes) -> int:
-        """The index in ``data`` just past the head's blank line, or -1."""
-        if self._carry:
-            joined = (self._carry + data[:3]).find(_HEAD_END)
-            if joined >= 0:
-                return joined + len(_HEAD_END) - len(self._carry)
-        found = data.find(_HEAD_END)
-        return found + len(_HEAD_END) if found >= 0 else -1
 
     def _body_received(self, data: bytes) -> bytes:
         """Feed body bytes; a chunked body's framing and trailers count against 64 KiB.
@@ -217,14 +178,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._messages == messages:  # still this body
             self._overhead += not_body
             if self._overhead > self._overhead_room and not self.transport.is_closing():
-                self._refuse(_TOO_LARGE)
+                self._refuse(refusals.HEADERS_TOO_LARGE)
         elif self._head_bytes is not None:
             # Where the body ended inside this read is not known: the next head is
             # charged with what the parser reported of it (its url and fields).
             self._head_bytes = max(self._head_bytes, self._parsed)
             self._carry = data[-3:]
             if self._head_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
-                self._refuse(_TOO_LARGE)
+                self._refuse(refusals.HEADERS_TOO_LARGE)
         return b""
 
     def _feed(self, data: bytes) -> None:
@@ -233,13 +194,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade as exc:
             self._parse_again(data[exc.args[0] :])
         except httptools.HttpParserError:
-            self._refuse(_BAD_REQUEST)
+            self._refuse(refusals.BAD_REQUEST)
 
     def _parse_again(self, rest: bytes) -> None:
         """After httptools stopped at an upgrade: the same request without it, then ``rest``."""
         head, self._replay, self._upgrading = self._replay, None, False
         if head is None:  # CONNECT, or an upgrade again: nothing to serve
-            self._refuse(_BAD_REQUEST)
+            self._refuse(refusals.BAD_REQUEST)
             return
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
@@ -255,29 +216,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.data_received(rest)
 
     def _rebuilt_head(self) -> bytes | None:
-        """This request's head without ``Upgrade`` (and its ``Connection`` token), or None."""
+        """This request's head without ``Upgrade``, to parse again; None for CONNECT or a replay."""
         method = self.parser.get_method()
         if method == b"CONNECT" or self._replaying:
             return None
-        lines = [
-            method,
-            b" ",
-            self.url,
-            b" HTTP/",
-            self.parser.get_http_version().encode(),
-            b"\r\n",
-        ]
-        for name, value in self.headers:
-            if name in _UPGRADE_FIELDS:
-                continue
-            if name == b"connection":
-                tokens = [t.strip() for t in value.split(b",")]
-                value = b", ".join(t for t in tokens if t and t.lower() not in _UPGRADE_FIELDS)
-                if not value:
-                    continue
-            lines += [name, b": ", value, b"\r\n"]
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        version = self.parser.get_http_version().encode()
+        return framing.head_without_upgrade(method, self.url, version, self.headers)
 
     # -- parser callbacks -------------------------------------------------------------------------
 
@@ -312,7 +256,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._parsed += len(name) + len(value) + 4
         if self._parsed > MAX_HEADER_BYTES:
-            self._refuse(_TOO_LARGE)
+            self._refuse(refusals.HEADERS_TOO_LARGE)
             return
         # After the head, the parser reports a chunked body's trailer fields here.
         # They are not headers (RFC 9110 6.5): merged into the request's headers,
@@ -336,7 +280,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed = 0  # from here on, of the trailers
         self._overhead = 0
         self._overhead_room = MAX_HEADER_BYTES
-        self._body_left = _content_length(self.headers)
+        self._body_left = framing.content_length(self.headers)
         super().on_headers_complete()
         self.cycle.transport = self._response_transport  # type: ignore[assignment]
 
@@ -392,7 +336,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
-        self._refuse(_BAD_REQUEST)
+        self._refuse(refusals.BAD_REQUEST)
 
     def _unsupported_upgrade_warning(self) -> None:
         """Never reached (upgrades are parsed again); nothing of a request is ever logged."""
@@ -407,14 +351,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _head_late(self) -> None:
         self._head_timer = None
         if self._head_bytes is not None and not self.transport.is_closing():
-            self._refuse(_TIMEOUT)
+            self._refuse(refusals.HEAD_TIMEOUT)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _refuse(self, refusal: tuple[str, bytes, bytes]) -> None:
+    def _refuse(self, refusal: Refusal) -> None:
         """Answer ``refusal`` and close: now, or after the answer the client awaits first."""
         self._cancel_head_timer()
         if self.transport.is_closing() or self._refused:
@@ -441,76 +385,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 return
             # This request's body (its framing, its trailers) is refused: the app,
             # still reading it, audits the code the client got, under the id it gets.
-            cycle.scope[REFUSED] = refusal[0]  # type: ignore[literal-required]
+            cycle.scope[refusals.SCOPE_KEY] = refusal.code  # type: ignore[literal-required]
             # The app reading the body learns it will not come (and audits the refusal),
             # even when it gets to run before the connection is gone.
             cycle.disconnected = True
             cycle.message_event.set()
-            self._write_refusal(refusal, _request_id(cycle.scope))
+            self._write_refusal(refusal, request_ids.for_scope(cycle.scope))
             return
         self._write_refusal(refusal, None)
 
-    def _write_refusal(self, refusal: tuple[str, bytes, bytes], request_id: bytes | None) -> None:
-        _, head, body = refusal
-        if request_id is None:
-            request_id = b"%s%016x" % (_REFUSAL_ID_PREFIX.encode(), next(_refusal_ids))
-        self.transport.write(b"%sx-request-id: %s\r\n\r\n%s" % (head, request_id, body))
+    def _write_refusal(self, refusal: Refusal, request_id: bytes | None) -> None:
+        self.transport.write(refusal.bytes_with(request_id or request_ids.new_request_id()))
         self.transport.close()
-
-
-def _request_id(scope: Any) -> bytes:
-    """The id of the request in ``scope``, shared with the request path through the scope.
-
-    The request path may not have run yet (the whole request came in one
-    read): the id is then chosen here, as the request path would choose it
-    (the client's, when it sent one valid one), and left in the scope for it.
-    """
-    preset = scope.get(REQUEST_ID)
-    if isinstance(preset, bytes):
-        return preset
-    sent = [value.strip(b" \t") for name, value in scope["headers"] if name == b"x-request-id"]
-    chosen: bytes
-    if len(sent) == 1 and VALID_REQUEST_ID.match(sent[0]):
-        chosen = sent[0]
-    else:
-        chosen = b"%s%016x" % (_REFUSAL_ID_PREFIX.encode(), next(_refusal_ids))
-    scope[REQUEST_ID] = chosen
-    return chosen
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The body length the parser framed the request with: None when chunked.
-
-    The parser already refused a head whose framing is ambiguous (both fields,
-    a repeated or malformed length), so this reads what it accepted.
-    """
-    length = 0
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return None
-        if name == b"content-length":
-            # Leading zeros are allowed, and past 4300 digits int() refuses a str.
-            length = int(value.strip(b" \t").lstrip(b"0") or b"0")
-    return length
-
-
-def protocol_for(header_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
-    """The protocol class with this instance's header deadline."""
-    return type(
-        "CitadelHttpProtocol", (GuardedHttpToolsProtocol,), {"header_timeout_s": header_timeout_s}
-    )
-
-
-def uvicorn_options(header_timeout_s: float) -> dict[str, Any]:
-    """The uvicorn settings every Citadel server runs with (``citadel serve`` and the tests)."""
-    return {
-        "http": protocol_for(header_timeout_s),
-        # Citadel serves no websockets: with a websocket protocol, uvicorn hands
-        # it any request asking for one, outside every deadline of this module.
-        "ws": "none",
-        "proxy_headers": False,
-        "server_header": False,
-        "log_config": None,
-        "access_log": False,
-        "timeout_graceful_shutdown": 10,
-    }
