@@ -9,13 +9,26 @@ from __future__ import annotations
 import datetime as dt
 import os
 import ssl
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
+import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support import AuditSink, free_port, make_settings
+
+from citadel.app import create_app
+from citadel.config import Settings
+from citadel.http.serving import uvicorn_options
+from citadel.tls_listener import TlsListener, https_options
 
 SPIFFE = "spiffe://citadel.test/ns/trading/sa/"
 
@@ -176,3 +189,71 @@ def client_context(
     if cert is not None:
         context.load_cert_chain(*cert)
     return context
+
+
+class Recorder:
+    """Stands in for a module's structlog logger: keeps each event and its fields."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def _keep(self, event: str, **fields: Any) -> None:
+        with self._lock:
+            self.events.append((event, fields))
+
+    debug = info = warning = error = exception = _keep
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [fields for name, fields in self.events if name == event]
+
+
+@dataclass
+class TlsServed:
+    """A Citadel served over TLS in this process."""
+
+    url: str
+    port: int
+    audit: AuditSink
+    listener: TlsListener
+
+    def client(self, ca: Path, cert: tuple[Path, Path] | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=client_context(ca, cert), timeout=10)
+
+
+@contextmanager
+def serve_tls(settings: Settings) -> Iterator[TlsServed]:
+    """Citadel over TLS with uvicorn in a thread, with the options ``citadel serve`` uses."""
+    audit = AuditSink()
+    app = create_app(settings, audit_sink=audit)
+    port = free_port()
+    options = https_options(settings, uvicorn_options())
+    listener = options["http"]
+    assert isinstance(listener, TlsListener)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", **options)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.01)
+    try:
+        yield TlsServed(f"https://127.0.0.1:{port}", port, audit, listener)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listener.reloader.stop()
+
+
+def tls_settings(tmp: Path, ca: Authority, *, mutual: bool = False, **overrides: Any) -> Settings:
+    """Settings serving a fresh server certificate of ``ca`` (mTLS: the same CA for clients)."""
+    cert, key = ca.server().write(tmp, "server")
+    fields: dict[str, Any] = {"tls_cert_file": cert, "tls_key_file": key}
+    if mutual:
+        fields["tls_client_ca_file"] = ca.write(tmp / "client-ca.crt")
+    fields.update(overrides)
+    return make_settings(tmp, **fields)
