@@ -50,11 +50,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Built in this process even with several workers, so that a bad set-up is
     # reported once, before any worker starts.
     app = create_app(settings)
+    from citadel.http.serving import uvicorn_options
+    from citadel.tls_listener import https_options
+
+    # With TLS, the files are loaded here first: a bad one stops start-up (exit 2,
+    # naming the setting) before anything listens; each worker loads its own.
+    common = {"host": args.host, "port": args.port, **https_options(settings, uvicorn_options())}
+    _tls_notices(settings)
     if settings.env == "development":
         _dev_banner(settings, args.host, args.port)
-    from citadel.http.serving import uvicorn_options
-
-    common = {"host": args.host, "port": args.port, **uvicorn_options()}
     if args.workers > 1:
         if settings.rate_limit_storage_uri.startswith("memory://"):
             import structlog
@@ -71,13 +75,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_notices(settings: Settings) -> None:
+    """What an operator must know of the listener's TLS, said once at start."""
+    import structlog
+
+    log = structlog.get_logger("citadel")
+    if not settings.tls_enabled and settings.env == "production":
+        log.warning(
+            "plaintext_listener",
+            hint="set CITADEL_TLS_CERT_FILE and CITADEL_TLS_KEY_FILE, unless a sidecar "
+            "or mesh terminates TLS in front of Citadel",
+        )
+    if settings.tls_caller_identities is not None:
+        from citadel.security import resolve_api_keys
+        from citadel.tls import unbound_callers
+
+        keys, _ = resolve_api_keys(settings)
+        missing = unbound_callers(settings.tls_caller_identities, keys)
+        if missing:
+            log.warning(
+                "tls_callers_without_identity",
+                callers=missing,
+                hint="their requests are 401 until CITADEL_TLS_CALLER_IDENTITIES names them",
+            )
+
+
 def _dev_banner(settings: Settings, host: str, port: int) -> None:
     """Where a development server's keys are and what to try next, on standard error.
 
     Standard output is the audit stream; the banner never goes there, and it
     names files, never a key.
     """
-    url = f"http://{host}:{port}"
+    url = f"{'https' if settings.tls_enabled else 'http'}://{host}:{port}"
     keys = settings.dev_dir / "dev-api-keys.json"
     lines = [
         f"Citadel {_version()} in development on {url} (not for production: see the README's "
