@@ -90,6 +90,7 @@ class RsaKeyChecker:
         return answer == _PASSED
 
     async def aclose(self) -> None:
+        """Stop the checking child process, if one was started."""
         async with self._lock:
             child = self._kill()
             if child is not None:

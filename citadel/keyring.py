@@ -69,16 +69,21 @@ class KeyringChangeRefused(KeyringError):
 
 
 class KeyState(StrEnum):
+    """A keyring key's state: active (encrypts), in force (decrypts), or retired (refused)."""
+
     IN_FORCE = "in_force"
     RETIRED = "retired"
 
 
 def now_iso() -> str:
+    """The current UTC time as the keyring file writes it."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True, slots=True)
 class Key:
+    """One keyring key: its id, its 256-bit secret, its state and when it changed."""
+
     id: str
     material: bytes = field(repr=False)
     state: KeyState = KeyState.IN_FORCE
@@ -98,11 +103,14 @@ class Key:
 
     @property
     def retired(self) -> bool:
+        """Whether ciphertexts under this key are refused (key_retired)."""
         return self.state is KeyState.RETIRED
 
 
 @dataclass(frozen=True, slots=True)
 class Keyring:
+    """The keys of one keyring file, in order, with exactly one active."""
+
     active: str
     keys: tuple[Key, ...]
     origin: str = "operator"
@@ -123,9 +131,11 @@ class Keyring:
 
     @property
     def ids(self) -> frozenset[str]:
+        """The ids of every key, in file order."""
         return frozenset(k.id for k in self.keys)
 
     def get(self, key_id: str) -> Key:
+        """The key with this id, or None."""
         for key in self.keys:
             if key.id == key_id:
                 return key
@@ -140,6 +150,7 @@ class Keyring:
         return {k.id: k.material for k in self.keys if not k.retired}
 
     def retired_ids(self) -> frozenset[str]:
+        """The ids of the retired keys."""
         return frozenset(k.id for k in self.keys if k.retired)
 
     def _with(self, key: Key, **changes: Any) -> Keyring:

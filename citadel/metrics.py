@@ -14,6 +14,8 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 
 class Metrics:
+    """The contract's Prometheus metrics, in one registry per app (tests build many apps)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -61,4 +63,5 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        """The registry in Prometheus text format, for /metrics."""
         return generate_latest(self.registry)

@@ -61,6 +61,7 @@ class LocalWindows:
         self._hits_since_sweep = 0
 
     def hit(self, limit: RateLimitItem, scope: str, ident: str) -> bool:
+        """Take one unit of ``key``'s budget; False when it is spent."""
         now = time.monotonic()
         window = self._windows.get((scope, ident))
         if window is None or window[1] <= now:
@@ -79,6 +80,7 @@ class LocalWindows:
             window[0] -= 1
 
     def test(self, limit: RateLimitItem, scope: str, ident: str) -> bool:
+        """Whether ``key`` has budget left, without taking any."""
         window = self._windows.get((scope, ident))
         return window is None or window[1] <= time.monotonic() or window[0] < limit.amount
 
@@ -97,6 +99,11 @@ class LocalWindows:
 
 
 class RateLimiter:
+    """The contract's three budgets (caller, user, auth failures) on ``limits.aio`` storage.
+
+    Shared between instances through Redis when the storage URI names one.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -144,6 +151,7 @@ class RateLimiter:
 
     @property
     def shared(self) -> bool:
+        """Whether the budgets live in a storage other instances share."""
         return self._shared is not None
 
     async def start(self) -> None:
@@ -152,6 +160,7 @@ class RateLimiter:
             self._degrade()
 
     async def aclose(self) -> None:
+        """Close the storage connection."""
         if self._recovery is not None:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):

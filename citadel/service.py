@@ -53,6 +53,7 @@ class KeyVerdicts:
         self._capacity = capacity
 
     def fingerprint(self, ciphertext: str, algorithm: str, key_encoding: str) -> bytes:
+        """The key under which a (ciphertext, algorithm, key encoding) verdict is remembered."""
         data = f"{algorithm}\0{key_encoding}\0{ciphertext}".encode("utf-8", "surrogatepass")
         return hmac.digest(self._salt, data, "sha256")
 
@@ -64,6 +65,7 @@ class KeyVerdicts:
         return True, self._seen[fingerprint]
 
     def remember(self, fingerprint: bytes, refused: str | None) -> None:
+        """Keep a verdict (None: the key checked out), dropping the oldest past capacity."""
         self._seen[fingerprint] = refused
         self._seen.move_to_end(fingerprint)
         while len(self._seen) > self._capacity:
@@ -110,6 +112,7 @@ class Vault:
         raise InvalidCiphertext()
 
     async def encrypt(self, plaintext: str) -> str:
+        """The ciphertext of ``plaintext`` by the encrypting provider, after the size limit."""
         try:
             size = len(plaintext.encode())
         except UnicodeEncodeError:
@@ -120,6 +123,7 @@ class Vault:
         return await self.provider.encrypt(plaintext)
 
     async def decrypt(self, ciphertext: str) -> str:
+        """The plaintext inside ``ciphertext``, from the provider its prefix names."""
         return await self.owner(ciphertext).decrypt(ciphertext)
 
     async def rewrap(self, ciphertext: str) -> str:
@@ -181,4 +185,5 @@ class Vault:
         return signing.sign_prepared(prepared, message, signature_encoding)
 
     async def aclose(self) -> None:
+        """Stop the RSA key checker's child process."""
         await self.key_checker.aclose()

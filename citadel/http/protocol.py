@@ -40,6 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from citadel.http import framing, refusals, request_ids
 from citadel.http.refusals import Refusal
+from citadel.tls import PEER_IDENTITIES, peer_identities
 
 MAX_HEADER_BYTES = 64 * 1024
 # A chunk's size line and the CRLF after its data, as an honest client sends them.
@@ -124,7 +125,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._parsed = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start the first head's deadline with the connection; wrap the cycles' transport."""
         super().connection_made(transport)
+        # A TLS client certificate's names, for the pipeline's caller binding.
+        self._tls_peer = peer_identities(transport)
         self._response_transport = _ResponseTransport(self, transport)
         # The deadline of the first head runs from the connection, not its first
         # byte: a connection that never sends one must not be held forever.
@@ -133,6 +137,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- reading ----------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        """Cut the stream at heads and bodies, counting each head before the parser sees it."""
         self._unset_keepalive_if_required()
         if self._refused:
             return
@@ -226,6 +231,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # -- parser callbacks -------------------------------------------------------------------------
 
     def on_body(self, body: bytes) -> None:
+        """Count body bytes (they end a Content-Length body) before uvicorn queues them."""
         if self._refused:
             return
         self._body_seen += len(body)
@@ -234,15 +240,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_chunk_header(self) -> None:
+        """Allow each chunk its size line against the 64 KiB of framing."""
         self._overhead_room += CHUNK_LINE_BYTES
 
     def on_message_begin(self) -> None:
+        """A new request: the parser's own count of its head starts again."""
         if self._refused:
             return
         self._parsed = 0
         super().on_message_begin()
+        if self._tls_peer is not None:
+            self.scope[PEER_IDENTITIES] = self._tls_peer  # type: ignore[literal-required]
 
     def on_url(self, url: bytes) -> None:
+        """Count the target as parsed, then let uvicorn keep it."""
         if self._refused:
             return
         self._parsed += len(url)
@@ -252,6 +263,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # The fields as parsed are counted too: a head, or trailers, that came
         # whole within one read (after the end of the request before it) are
         # refused past 64 KiB like any other.
+        """Count each field as parsed; keep a head's fields, drop a chunked body's trailers."""
         if self._refused:
             return
         self._parsed += len(name) + len(value) + 4
@@ -266,6 +278,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        """The head is whole: stop its deadline; start the request (or parse an upgrade again)."""
         self._cancel_head_timer()
         if self._refused:
             return
@@ -285,6 +298,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.cycle.transport = self._response_transport  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
+        """The request is whole: the next bytes start a new head (or, lingering, it closes)."""
         if self._upgrading or self._refused:
             return  # the end of an upgrade request without its body: it is parsed again
         super().on_message_complete()
@@ -320,6 +334,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
 
     def on_response_complete(self) -> None:
+        """After an answer: a deferred refusal, or drain an unread body, or go on as uvicorn."""
         if self._deferred is not None and not self.pipeline:
             self.server_state.total_requests += 1
             self._write_refusal(self._deferred, None)
@@ -336,12 +351,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
+        """uvicorn's plain-text 400, replaced by Citadel's JSON refusal."""
         self._refuse(refusals.BAD_REQUEST)
 
     def _unsupported_upgrade_warning(self) -> None:
         """Never reached (upgrades are parsed again); nothing of a request is ever logged."""
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """Stop this connection's timers, then let uvicorn end its cycles."""
         self._cancel_head_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
