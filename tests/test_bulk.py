@@ -27,7 +27,13 @@ from support import FakeTime, serve_app, wait_until
 
 from citadel.cli import build_parser
 from citadel_client import AsyncCitadelClient, bulk
-from citadel_client.bulk import cli as bulk_cli
+from citadel_client.bulk.progress import Progress, count_lines, waiting_for
+from citadel_client.errors import (
+    AuditUnavailable,
+    CitadelConnectionError,
+    ProviderUnavailable,
+    RateLimited,
+)
 
 API_KEY = "CANARY-BULK-API-KEY-4d2a"
 OLD, NEW = "cit1:oldkid01:", "cit1:newkid01:"
@@ -178,15 +184,21 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def run_tool(
-    url: str, key_file: Path, *argv: str, stdin: bytes | None = None
+    url: str,
+    key_file: Path,
+    *argv: str,
+    stdin: bytes | None = None,
+    stderr: io.StringIO | None = None,
 ) -> tuple[int, str, bytes]:
     """The tool in-process; retries wait on a fake clock, so none sleeps."""
     fake = FakeTime()
 
-    def client(u: str, key: str, deadline: float) -> AsyncCitadelClient:
-        return AsyncCitadelClient(u, key, deadline=deadline, sleep=fake.asleep, clock=fake.clock)
+    def client(u: str, key: str, deadline: float, on_retry: Any) -> AsyncCitadelClient:
+        return AsyncCitadelClient(
+            u, key, deadline=deadline, sleep=fake.asleep, clock=fake.clock, on_retry=on_retry
+        )
 
-    err, out = io.StringIO(), io.BytesIO()
+    err, out = stderr or io.StringIO(), io.BytesIO()
     args = parse(*argv, "--url", url, "--api-key-file", str(key_file))
     code = bulk.execute(
         args,
@@ -654,12 +666,93 @@ def test_lines_that_are_not_one_json_object_are_invalid(text: str) -> None:
     assert exc.value.code == "invalid_line"
 
 
-def test_progress_bar_only_on_a_terminal() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
-    bar = bulk_cli._progress(Terminal(), 1000, 0, 0)
-    assert type(bar).__name__ == "tqdm"
-    bar.close()
-    assert isinstance(bulk_cli._progress(io.StringIO(), 1000, 0, 0), bulk_cli._NoProgress)
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_counts_lines_of_the_total_and_counts_a_wait_down() -> None:
+    clock, done = Clock(), [5]
+    out = Terminal()
+    progress = Progress(
+        out, "citadel rewrap", lambda: done[0], lambda: 1, total=10, terminal=True, clock=clock
+    )
+    assert progress.status().startswith("5 of 10 lines (50.0 %)")
+    progress.waiting(RateLimited(retry_after=30), 30.0)
+    assert "waiting 30 s: rate limited (429, Retry-After 30 s)" in progress.status()
+    clock.now += 10
+    done[0] = 8
+    assert "8 of 10 lines (80.0 %)" in progress.status()
+    assert "waiting 20 s: rate limited" in progress.status()
+    clock.now += 21
+    assert "waiting" not in progress.status()
+    assert out.getvalue().startswith("\rcitadel rewrap: 5 of 10 lines")  # drawn at once
+
+
+def test_progress_in_a_log_says_once_what_it_waits_for() -> None:
+    clock, out = Clock(), io.StringIO()
+    progress = Progress(
+        out, "citadel-rewrap", lambda: 3, lambda: 0, total=None, terminal=False, clock=clock
+    )
+    unavailable = ProviderUnavailable(retry_after=2)
+    progress.waiting(unavailable, 2.0)
+    progress.waiting(unavailable, 2.0)  # another lane, the same wait: not repeated
+    clock.now += 11
+    progress.waiting(CitadelConnectionError("Citadel could not be reached (ConnectError)."), 4.0)
+    assert out.getvalue().splitlines() == [
+        "citadel-rewrap: waiting 2 s: the provider is unavailable (503, Retry-After 2 s); 3 lines",
+        "citadel-rewrap: waiting 4 s: Citadel could not be reached (ConnectError); 3 lines",
+    ]
+    progress.draw()  # less than 30 s since the start: nothing
+    clock.now += 20
+    progress.draw()
+    assert out.getvalue().splitlines()[-1].startswith("citadel-rewrap: 3 lines, ")
+    assert "\r" not in out.getvalue()
+
+
+def test_the_audit_503_is_named_as_such() -> None:
+    assert waiting_for(AuditUnavailable(retry_after=1)) == (
+        "Citadel's audit log is unavailable (503, Retry-After 1 s)"
+    )
+
+
+@pytest.mark.parametrize(("data", "lines"), [(b"", 0), (b"a\n", 1), (b"a\nb", 2), (b"a\nb\n", 2)])
+def test_count_lines_counts_a_last_line_without_newline_and_restores_the_position(
+    data: bytes, lines: int
+) -> None:
+    source = io.BytesIO(b"skip\n" + data)
+    source.readline()
+    assert count_lines(source) == lines
+    assert source.tell() == 5
+
+
+def test_a_run_on_a_terminal_shows_lines_of_the_total(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    _, url = fake_server
+    src = write_lines(tmp_path / "in.jsonl", make_input(20))
+    err = Terminal()
+    code, text, _ = run_tool(url, key_file, str(src), "-o", str(tmp_path / "out.jsonl"), stderr=err)
+    assert code == 0, text
+    assert "\rcitadel rewrap: 20 of 20 lines (100.0 %)" in text
+    assert text.endswith("0 rejected; rejects in " + str(tmp_path / "out.jsonl.rejects") + "\n")
+
+
+def test_a_run_in_a_log_says_what_it_waited_for(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    app, url = fake_server
+    src = write_lines(tmp_path / "in.jsonl", make_input(30))
+    code, text, _ = run_tool(url, key_file, str(src), "-o", str(tmp_path / "out.jsonl"))
+    assert code == 0, text
+    assert app.limited > 0
+    assert "waiting a moment: rate limited (429, Retry-After 0 s)" in text
+    assert "\r" not in text

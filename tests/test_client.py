@@ -14,6 +14,7 @@ from support import KEYS, FakeTime, Served
 
 from citadel import (
     AsyncCitadelClient,
+    AuditUnavailable,
     CitadelClient,
     CitadelConnectionError,
     CitadelError,
@@ -94,6 +95,29 @@ def test_rate_limit_live_is_retried_until_the_deadline(tmp_path: Any, fake: Fake
             c.encrypt("second")
     assert 1 <= exc.value.retry_after <= 60  # type: ignore[operator]
     assert fake.waits and all(w == fake.waits[0] for w in fake.waits)  # Retry-After, not backoff
+
+
+def test_a_broken_audit_log_raises_audit_unavailable_a_provider_unavailable(
+    citadel: Served, fake: FakeTime
+) -> None:
+    """The audit 503 keeps the contract's code; its class tells an operator which 503 it was."""
+    citadel.audit.fail = True
+    waits: list[tuple[str, float]] = []
+    with (
+        CitadelClient(
+            citadel.url,
+            KEYS["sentinel"],
+            deadline=3,
+            sleep=fake.sleep,
+            clock=fake.clock,
+            on_retry=lambda err, wait: waits.append((type(err).__name__, wait)),
+        ) as c,
+        pytest.raises(AuditUnavailable) as exc,
+    ):
+        c.encrypt("x")
+    assert isinstance(exc.value, ProviderUnavailable)
+    assert exc.value.code == "provider_unavailable" and exc.value.retry_after == 1
+    assert waits and all(w == ("AuditUnavailable", 1.0) for w in waits)
 
 
 @pytest.mark.anyio

@@ -16,9 +16,11 @@ import httpx
 
 from citadel_client.config import Cert, Verify, check_base_url, ssl_context, system_context
 from citadel_client.errors import (
+    AuditUnavailable,
     CitadelConnectionError,
     CitadelError,
     InvalidRequest,
+    ProviderUnavailable,
     error_for_code,
 )
 
@@ -113,6 +115,10 @@ def error_of(response: httpx.Response, body: object) -> CitadelError:
     cls = error_for_code(code) if isinstance(code, str) else CitadelError
     if cls is CitadelError:
         return unexpected(response.status_code, request_id, retry_after)
+    if cls is ProviderUnavailable and detail == AuditUnavailable.default_detail:
+        # One contract code for both 503s; the audit one is told apart by its fixed
+        # detail (one definition, in errors.py), so an operator sees which it was.
+        cls = AuditUnavailable
     # The contract's details are fixed text that never repeats the request.
     return cls(
         detail if isinstance(detail, str) else None,
@@ -227,6 +233,7 @@ class Base:
         deadline: float,
         clock: Callable[[], float],
         random: Callable[[], float],
+        on_retry: Callable[[CitadelError, float], None] | None,
     ) -> None:
         check_base_url(base_url)
         if not deadline > 0:
@@ -238,6 +245,7 @@ class Base:
         self._deadline = deadline
         self._clock = clock
         self._random = random
+        self._on_retry = on_retry
         self._urls: dict[str, httpx.URL] = {}
 
     def __repr__(self) -> str:

@@ -60,8 +60,9 @@ class AsyncCitadelClient(Base):
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
+        on_retry: Callable[[CitadelError, float], None] | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, user_id, deadline, clock, random)
+        super().__init__(base_url, timeout, user_id, deadline, clock, random, on_retry)
         self._sleep = sleep
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -157,6 +158,8 @@ class AsyncCitadelClient(Base):
             wait = budget.wait_before_retry(outcome)
             if wait is None:
                 raise outcome from None
+            if self._on_retry is not None:
+                self._on_retry(outcome, wait)
             await self._sleep(wait)
 
     async def _attempt(

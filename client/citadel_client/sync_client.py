@@ -44,9 +44,10 @@ class CitadelClient(Base):
     retries. ``user_id`` is the default ``X-User-ID``. ``verify`` is the CA
     bundle that signed Citadel's certificate (``True``: the system's store) and
     ``cert`` the client certificate for mutual TLS: a PEM file holding the
-    certificate and its key, or a ``(certificate, key)`` pair. ``transport``,
-    ``sleep``, ``clock`` and ``random`` (a source of floats in [0, 1) for the
-    jitter) are there for tests.
+    certificate and its key, or a ``(certificate, key)`` pair. ``on_retry(error,
+    seconds)`` is called before each wait between attempts (a progress display
+    says what it waits for). ``transport``, ``sleep``, ``clock`` and ``random``
+    (a source of floats in [0, 1) for the jitter) are there for tests.
     """
 
     def __init__(
@@ -63,8 +64,9 @@ class CitadelClient(Base):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
+        on_retry: Callable[[CitadelError, float], None] | None = None,
     ) -> None:
-        super().__init__(base_url, timeout, user_id, deadline, clock, random)
+        super().__init__(base_url, timeout, user_id, deadline, clock, random, on_retry)
         self._sleep = sleep
         self._http = httpx.Client(
             base_url=base_url,
@@ -160,6 +162,8 @@ class CitadelClient(Base):
             wait = budget.wait_before_retry(outcome)
             if wait is None:
                 raise outcome from None
+            if self._on_retry is not None:
+                self._on_retry(outcome, wait)
             self._sleep(wait)
 
     def _attempt(

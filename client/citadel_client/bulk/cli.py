@@ -19,6 +19,7 @@ import httpx
 from citadel_client.async_client import AsyncCitadelClient
 from citadel_client.bulk.files import UsageError, partial_path, replace_with, resume_from
 from citadel_client.bulk.lines import target_prefix
+from citadel_client.bulk.progress import Progress, count_lines
 from citadel_client.bulk.run import (
     DEFAULT_URL,
     EXIT_ABORTED,
@@ -41,6 +42,7 @@ from citadel_client.config import (
     ssl_context,
     system_context,
 )
+from citadel_client.errors import CitadelError
 from citadel_client.transport import AsyncKeepAliveTransport
 
 API_KEY_ENV: Final = ENV_API_KEY
@@ -185,16 +187,25 @@ def _tls(args: argparse.Namespace) -> ssl.SSLContext:
         ) from None
 
 
-ClientFactory = Callable[[str, str, float], AsyncCitadelClient]
+OnRetry = Callable[[CitadelError, float], None]
+# (url, api key, deadline, the progress display's on_retry hook) -> one lane's client
+ClientFactory = Callable[[str, str, float, OnRetry], AsyncCitadelClient]
 
 
 def _default_client(
-    url: str, api_key: str, deadline: float, *, tls: ssl.SSLContext | None = None
+    url: str,
+    api_key: str,
+    deadline: float,
+    on_retry: OnRetry,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncCitadelClient:
     # One lean kept-alive connection per client, one client per lane (see Rewrapper):
     # httpx's default transport costs more CPU per call than Citadel's answer.
     transport = AsyncKeepAliveTransport(ssl_context=tls or system_context())
-    return AsyncCitadelClient(url, api_key, deadline=deadline, transport=transport)
+    return AsyncCitadelClient(
+        url, api_key, deadline=deadline, transport=transport, on_retry=on_retry
+    )
 
 
 def cmd_rewrap(args: argparse.Namespace) -> int:
@@ -263,8 +274,17 @@ def _execute(
     api_key = _api_key(args)
     if make_client is None:
         make_client = functools.partial(_default_client, tls=_tls(args))
+    # The clients report their waits to the progress display, made once the files are open.
+    shown: list[Progress] = []
+
+    def on_retry(error: CitadelError, seconds: float) -> None:
+        if shown:
+            shown[0].waiting(error, seconds)
+
     try:
-        clients = [make_client(raw_url, api_key, args.deadline) for _ in range(args.concurrency)]
+        clients = [
+            make_client(raw_url, api_key, args.deadline, on_retry) for _ in range(args.concurrency)
+        ]
     except ValueError:
         raise UsageError("the API key must be printable ASCII") from None
 
@@ -274,9 +294,9 @@ def _execute(
                 source: IO[bytes] = stack.enter_context(open(args.input, "rb"))
             except OSError as exc:
                 raise UsageError(f"cannot read {args.input}: {exc.strerror}") from None
-            size = os.fstat(source.fileno()).st_size
+            seekable = True
         else:
-            source, size = stdin or sys.stdin.buffer, 0
+            source, seekable = stdin or sys.stdin.buffer, False
 
         rejects_partial = partial_path(rejects)
         out_partial = partial_path(output) if output is not None else None
@@ -302,19 +322,25 @@ def _execute(
         except OSError as exc:
             raise UsageError(f"cannot write {exc.filename}: {exc.strerror}") from None
 
-        progress = _progress(err, size, source.tell() if size else 0, kept)
-        stack.callback(progress.close)
+        terminal = err.isatty()
+        # Of how many: counted up front only for a person watching (a file: a quick read).
+        total = kept + count_lines(source) if terminal and seekable else None
         rewrapper = Rewrapper(
-            clients,
-            Sink(out, rej),
-            skip_prefix=args.skip_prefix,
-            url=shown_url,
-            on_line=progress.update,
-            warn=say,
+            clients, Sink(out, rej), skip_prefix=args.skip_prefix, url=shown_url, warn=say
         )
         rewrapper.counts.resumed = kept
         rewrapper.counts.rejected = kept_rejects
-        outcome = asyncio.run(_main(rewrapper, source, kept + 1, handle_signals))
+        progress = Progress(
+            err,
+            getattr(args, "rewrap_prog", "citadel rewrap"),
+            done=lambda: max(kept, rewrapper.last_line),
+            rejected=lambda: rewrapper.counts.rejected,
+            total=total,
+            terminal=terminal,
+        )
+        shown.append(progress)
+        stack.callback(progress.close)
+        outcome = asyncio.run(_main(rewrapper, progress, source, kept + 1, handle_signals))
         progress.close()
 
         if outcome.message is None:
@@ -336,6 +362,7 @@ def _execute(
 
 async def _main(
     rewrapper: Rewrapper,
+    progress: Progress,
     source: IO[bytes],
     first_number: int,
     handle_signals: bool,
@@ -349,43 +376,15 @@ async def _main(
                 sig, rewrapper.fail, f"interrupted by {sig.name}", EXIT_INTERRUPTED
             )
             installed.append(sig)
+    drawing = asyncio.create_task(progress.run())
     try:
         async with contextlib.AsyncExitStack() as stack:
             for client in rewrapper.clients:
                 await stack.enter_async_context(client)
             return await rewrapper.run(source, first_number)
     finally:
+        drawing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drawing
         for sig in installed:
             loop.remove_signal_handler(sig)
-
-
-class _NoProgress:
-    def update(self, _n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(err: IO[str], size: int, done: int, kept: int) -> Any:
-    """A progress bar (bytes of input) on standard error when it is a terminal; else nothing.
-
-    tqdm is optional (``pip install './client[progress]'``; the server brings it): without
-    it the run is the same, only without a bar.
-    """
-    if not err.isatty():
-        return _NoProgress()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoProgress()
-
-    return tqdm(
-        total=size or None,
-        initial=done,
-        unit="B",
-        unit_scale=True,
-        file=err,
-        desc="rewrap",
-        postfix={"resumed lines": kept} if kept else None,
-    )

@@ -163,6 +163,11 @@ class Rewrapper:
         self._last_line = 0
         self._stop = asyncio.Event()
 
+    @property
+    def last_line(self) -> int:
+        """The number of the last line written, in input order (0 before the first)."""
+        return self._last_line
+
     def fail(self, message: str, code: int = EXIT_ABORTED) -> None:
         if self.failure is None:
             self.failure, self.failure_code = message, code
