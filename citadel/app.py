@@ -27,6 +27,7 @@ from citadel.security import Authenticator, KeyFileWatcher, resolve_api_keys
 from citadel.service import Vault
 from citadel.sinks import StreamSink, stdout_sink
 from citadel.status import VERSION, StatusReport
+from citadel.tls import CallerBinding
 
 log = structlog.get_logger("citadel")
 
@@ -136,6 +137,7 @@ def create_app(
         deadlines=deadlines,
         limiter=limiter,
         addresses=ClientAddresses(settings.trusted_proxies),
+        caller_binding=CallerBinding.from_settings(settings),
     )
     return app
 

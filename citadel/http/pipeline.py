@@ -6,7 +6,9 @@ raise decides the answer:
 
 1. :meth:`~Pipeline.identify`: take the client's ``X-Request-ID`` or make one;
 2. :meth:`~Pipeline.authenticate`: the caller from ``X-Internal-API-Key``
-   (401 whatever the body; failures count against the client address);
+   (401 whatever the body; failures count against the client address); with
+   ``CITADEL_TLS_CALLER_IDENTITIES``, the client certificate must name that
+   caller too (:class:`citadel.tls.CallerBinding`);
 3. :meth:`~Pipeline.check_headers`: repeated fields, ``X-User-ID`` (422);
 4. :meth:`~Pipeline.limit`: the caller's and the user's rate limits (429);
 5. :meth:`~Pipeline.authorize`: the ACL (403), then the method (405), before
@@ -46,6 +48,7 @@ from citadel.logs import safe_exception_text
 from citadel.metrics import Metrics
 from citadel.pseudonyms import Pseudonymizer
 from citadel.security import Authenticator
+from citadel.tls import PEER_IDENTITIES, CallerBinding
 
 if TYPE_CHECKING:
     from citadel.ratelimit import RateLimiter
@@ -102,6 +105,7 @@ class Pipeline:
         deadlines: BodyDeadlines,
         limiter: RateLimiter | None = None,
         addresses: ClientAddresses | None = None,
+        caller_binding: CallerBinding | None = None,
     ) -> None:
         self.app = app
         self.other_paths = OtherPaths(app)
@@ -114,6 +118,7 @@ class Pipeline:
         self.deadlines = deadlines
         self.limiter = limiter
         self.addresses = addresses or ClientAddresses()
+        self.caller_binding = caller_binding
         self._request_counters: dict[tuple[str, str, str], Any] = {}
         self._durations = {op: metrics.duration.labels(op) for op in PATHS.values()}
 
@@ -172,6 +177,10 @@ class Pipeline:
     async def authenticate(self, request: Request, head: RequestHead, scope: Scope) -> None:
         """The caller the API key belongs to; a repeated or unknown key is 401."""
         caller = None if head.repeated_key else self.auth.caller_for(head.api_key)
+        binding = self.caller_binding
+        if caller is not None and binding is not None:
+            # A key alone is not enough: the certificate must name its caller.
+            caller = caller if binding.binds(caller, scope.get(PEER_IDENTITIES)) else None
         if caller is None:
             if self.limiter is not None:
                 client = scope.get("client")
