@@ -1,6 +1,9 @@
 # Citadel: multi-stage, non-root, read-only-root-filesystem friendly.
 #   docker build -t citadel:2.1.0 .
 #   docker run --read-only --tmpfs /tmp -v citadel-data:/var/lib/citadel --env-file .env -p 8004:8004 citadel:2.1.0
+# HTTPS: mount the certificate and key and name them, e.g.
+#   -v "$PWD/tls:/etc/citadel/tls:ro" -e CITADEL_TLS_CERT_FILE=/etc/citadel/tls/tls.crt \
+#   -e CITADEL_TLS_KEY_FILE=/etc/citadel/tls/tls.key   (README: "TLS and mutual TLS")
 # No "# syntax=" line: it makes BuildKit fetch a frontend image from a registry
 # before building, which fails where only the base image is available; the
 # built-in frontend understands everything used here.
@@ -43,7 +46,9 @@ WORKDIR /var/lib/citadel
 VOLUME ["/var/lib/citadel"]
 USER 10001:10001
 EXPOSE 8004
+# GET /health on 127.0.0.1, over HTTPS when CITADEL_TLS_CERT_FILE is set (with
+# the client certificate of CITADEL_CLIENT_CERT_FILE/_KEY_FILE under mutual TLS).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8004/health', timeout=2).status != 200)"]
+    CMD ["python", "-m", "citadel.healthcheck", "8004"]
 STOPSIGNAL SIGTERM
 CMD ["citadel", "serve", "--host", "0.0.0.0", "--port", "8004"]
