@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
-from support import make_settings, serve_citadel
+from support import headers, make_settings, serve_citadel
 from test_kubernetes import K8S_VERSIONS, KUBE, Doc, container, env, one, render
 from tls_support import Authority, serve_tls, tls_settings
 
@@ -134,3 +136,38 @@ def test_the_probe_speaks_tls_and_presents_a_client_certificate_under_mtls(
         assert probe(served.port, {**with_cert, "CITADEL_CA_FILE": str(ca_file)})
         other_ca = Authority.make("other").write(tmp_path / "other.crt")
         assert not probe(served.port, {**with_cert, "CITADEL_CA_FILE": str(other_ca)})
+
+
+# -- the README's recipe ------------------------------------------------------------------------
+
+
+def _readme_block(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(heading) :]
+    start = section.index("```bash\n") + len("```bash\n")
+    return section[start : section.index("```", start)]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_the_readme_openssl_recipe_makes_files_citadel_serves_and_binds(tmp_path: Path) -> None:
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", _readme_block("#### A development CA and certificates")],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    tls = tmp_path / "tls"
+    identities = {c: f"spiffe://cluster.local/ns/trading/sa/{c}" for c in ("sentinel", "conductor")}
+    settings = make_settings(
+        tmp_path,
+        tls_cert_file=tls / "tls.crt",
+        tls_key_file=tls / "tls.key",
+        tls_client_ca_file=tls / "ca.crt",
+        tls_caller_identities=identities,
+    )
+    with serve_tls(settings) as served:
+        for cert_of, status in (("sentinel", 200), ("conductor", 401)):
+            client_cert = (tls / f"{cert_of}.crt", tls / f"{cert_of}.key")
+            with served.client(tls / "ca.crt", client_cert) as c:
+                r = c.post("/encrypt", json={"plaintext": "hello"}, headers=headers("sentinel"))
+                assert r.status_code == status, cert_of
