@@ -41,10 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeCitadel:
-    """A raw ASGI app for POST /rewrap; counts what it answered."""
+    """A raw ASGI app for POST /rewrap, single and batch forms; counts what it answered."""
 
     def __init__(self, *, fail_after: int | None = None, limit_suffix: str = "7") -> None:
-        self.answered = 0  # 200 and 400 answers: one per line that got its call
+        self.answered = 0  # items answered (200 or an item's error): one per line that got its call
+        self.bodies: list[dict[str, Any]] = []
+        self.max_items = 100  # CITADEL_MAX_BATCH_ITEMS: a longer batch is refused whole (422)
         self.limited = 0
         self.broken = 0
         self.request_ids: list[str] = []
@@ -75,19 +77,24 @@ class FakeCitadel:
             return await self._send(send, 404, {"detail": "x", "code": "not_found"})
         if headers.get(b"x-internal-api-key") != API_KEY.encode():
             return await self._send(send, 401, {"detail": "x", "code": "unauthenticated"})
-        ct = json.loads(body)["encrypted_data"]
+        payload = json.loads(body)
+        self.bodies.append(payload)
+        batch = "batch" in payload
+        items = payload["batch"] if batch else [payload]
+        cts = [item["encrypted_data"] for item in items]
         with self._lock:
-            if self.fail_after is not None and self.answered >= self.fail_after:
+            if self.fail_after is not None and self.answered + len(cts) > self.fail_after:
                 self.broken += 1
                 broken = True
             else:
                 broken = False
-                limited = ct.endswith(self.limit_suffix) and ct not in self._limited_once
-                if limited:
-                    self._limited_once.add(ct)
+                fresh = [ct for ct in cts if ct.endswith(self.limit_suffix)]
+                limited = any(ct not in self._limited_once for ct in fresh)
+                if limited:  # a batch that does not fit is refused whole
+                    self._limited_once.update(fresh)
                     self.limited += 1
                 else:
-                    self.answered += 1
+                    self.answered += len(cts)
                     self.request_ids.append(headers.get(b"x-request-id", b"").decode())
         if broken:
             # Start an answer and drop the connection: the client sees a transport error.
@@ -103,17 +110,31 @@ class FakeCitadel:
             return await self._send(
                 send, 429, {"detail": "x", "code": "rate_limited"}, [(b"retry-after", b"0")]
             )
+        if batch and (len(cts) > self.max_items or any("oversize" in ct for ct in cts)):
+            # Checked whole before anything is done (the answered count is the fake's own).
+            return await self._send(send, 422, {"detail": "x", "code": "invalid_request"})
+        if not batch and "oversize" in cts[0]:
+            return await self._send(send, 413, {"detail": "x", "code": "payload_too_large"})
+        results = [self._result(ct) for ct in cts]
+        if batch:
+            return await self._send(send, 200, {"batch": results})
+        if "error" in results[0]:
+            return await self._send(send, 400, {"detail": "x", **results[0]["error"]})
+        await self._send(send, 200, results[0])
+
+    @staticmethod
+    def _result(ct: str) -> dict[str, Any]:
         if "bad" in ct:
-            return await self._send(send, 400, {"detail": "x", "code": "invalid_ciphertext"})
+            return {"error": {"code": "invalid_ciphertext", "detail": "x"}}
         if "retired" in ct:
-            return await self._send(send, 400, {"detail": "x", "code": "key_retired"})
-        await self._send(send, 200, {"encrypted_data": NEW + ct.rsplit(":", 1)[-1]})
+            return {"error": {"code": "key_retired", "detail": "x"}}
+        return {"encrypted_data": NEW + ct.rsplit(":", 1)[-1]}
 
     @staticmethod
     async def _send(
         send: Any,
         status: int,
-        body: dict[str, str],
+        body: dict[str, Any],
         extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
     ) -> None:
         data = json.dumps(body).encode()
@@ -265,9 +286,9 @@ def test_rejects_file_holds_line_code_and_fields_never_the_ciphertext(
     assert [r["line"] for r in rejects] == [3, 5, 6, 7, 8, 10, 20, 30]  # in input order
     assert by_line[3]["code"] == "key_retired"
     assert by_line[3]["fields"] == {"id": 3, "user": "u-3"}
-    assert by_line[3]["request_id"].startswith("rewrap-") and by_line[3]["request_id"].endswith(
-        "-3"
-    )
+    # Line 1 went alone (its answer names the target); lines 2, 3, 4, 9, ... in one batch.
+    assert by_line[3]["request_id"].startswith("rewrap-")
+    assert by_line[3]["request_id"].endswith("-2") and by_line[3]["batch_index"] == 1
     assert len(by_line[3]["ct_fp"]) == 16
     assert by_line[5] == {"line": 5, "code": "invalid_line"}
     assert by_line[6] == {"line": 6, "code": "missing_field", "fields": {"id": 6}}
@@ -756,3 +777,161 @@ def test_a_run_in_a_log_says_what_it_waited_for(
     assert app.limited > 0
     assert "waiting a moment: rate limited (429, Retry-After 0 s)" in text
     assert "\r" not in text
+
+
+# -- batches and contexts ------------------------------------------------------------------
+
+
+def batch_sizes(fake: FakeCitadel) -> list[int]:
+    """The items of each request the tool sent (1 for the single form)."""
+    return [len(body["batch"]) if "batch" in body else 1 for body in fake.bodies]
+
+
+def test_lines_go_in_batches_after_the_one_that_names_the_target(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    fake, url = fake_server
+    lines = make_input(250)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    code, err, _ = run_tool(
+        url, key_file, str(src), "-o", str(tmp_path / "o"), "--batch-size", "50"
+    )
+    assert code == 0, err
+    sizes = batch_sizes(fake)
+    assert sizes[0] == 1 and "batch" not in fake.bodies[0]  # the probe: the single form
+    # The probe, then batches of 50, in flight together (a 429-refused one is sent again whole).
+    unique = {json.dumps(body): size for body, size in zip(fake.bodies, sizes, strict=True)}
+    assert sorted(unique.values()) == [1, 49, 50, 50, 50, 50]
+    assert fake.answered == 250
+    assert read_lines(tmp_path / "o") == [rewrapped(line) for line in lines]
+
+
+def test_new_context_from_binds_every_line_to_its_own_fields(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    fake, url = fake_server
+    lines = [record(1, f"{OLD}a"), record(2, f"{NEW}already"), record(3, f"{OLD}c")]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    code, err, _ = run_tool(
+        url,
+        key_file,
+        str(src),
+        "-o",
+        str(tmp_path / "o"),
+        "--new-context-from",
+        "user_id=id,owner=user",
+    )
+    assert code == 0, err
+    (body,) = fake.bodies  # no probe: nothing is passed through, so nothing to learn
+    assert body["batch"] == [
+        {"encrypted_data": f"{OLD}a", "new_context": {"user_id": "1", "owner": "u-1"}},
+        {"encrypted_data": f"{NEW}already", "new_context": {"user_id": "2", "owner": "u-2"}},
+        {"encrypted_data": f"{OLD}c", "new_context": {"user_id": "3", "owner": "u-3"}},
+    ]
+    assert "3 rewrapped, 0 passed through" in err
+    assert "u-1" not in err and '"1"' not in err  # context values never in a message
+
+
+def test_context_from_sends_the_context_each_line_is_bound_to(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    fake, url = fake_server
+    src = write_lines(tmp_path / "in.jsonl", [record(i, f"{OLD}x{i}") for i in (1, 2, 3)])
+    code, err, _ = run_tool(
+        url, key_file, str(src), "-o", str(tmp_path / "o"), "--context-from", "user_id=id"
+    )
+    assert code == 0, err
+    items = [b if "batch" not in b else None for b in fake.bodies]
+    assert items[0] == {"encrypted_data": f"{OLD}x1", "context": {"user_id": "1"}}
+    assert fake.bodies[1]["batch"][0] == {"encrypted_data": f"{OLD}x2", "context": {"user_id": "2"}}
+
+
+def test_a_line_without_a_usable_context_field_is_rejected_without_a_call(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    fake, url = fake_server
+    lines = [
+        json.dumps({"id": 1, "encrypted_data": f"{OLD}a"}),
+        json.dumps({"encrypted_data": f"{OLD}b"}),
+        json.dumps({"id": True, "encrypted_data": f"{OLD}c"}),
+        json.dumps({"id": {"n": 1}, "encrypted_data": f"{OLD}d"}),
+    ]
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    code, _, _ = run_tool(
+        url, key_file, str(src), "-o", str(tmp_path / "o"), "--new-context-from", "user_id=id"
+    )
+    assert code == 1
+    rejects = read_rejects(tmp_path / "o.rejects")
+    assert [(r["line"], r["code"]) for r in rejects] == [
+        (2, "invalid_context"),
+        (3, "invalid_context"),
+        (4, "invalid_context"),
+    ]
+    assert fake.answered == 1
+    assert read_lines(tmp_path / "o")[1:] == lines[1:]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--new-context-from", "user_id", "--skip-prefix", NEW],
+            "--new-context-from binds every line",
+        ),
+        (["--new-context-from", "user id=id"], "--new-context-from: a context key is 1 to 64"),
+        (["--context-from", "a=x,a=y"], "--context-from: a context key is named twice"),
+        (["--context-from", "e=encrypted_data"], "cannot come from encrypted_data"),
+        (["--new-context-from", ",".join(f"k{i}" for i in range(17))], "at most 16 keys"),
+        (["--batch-size", "0"], "--batch-size must be 1 to"),
+    ],
+)
+def test_unusable_batch_and_context_options_exit_2(
+    tmp_path: Path, key_file: Path, argv: list[str], message: str
+) -> None:
+    src = write_lines(tmp_path / "in.jsonl", make_input(1))
+    code, err, _ = run_tool(
+        "http://127.0.0.1:9", key_file, str(src), "-o", str(tmp_path / "o"), *argv
+    )
+    assert code == 2 and message in err
+
+
+def test_a_batch_refused_whole_for_one_line_is_retried_line_by_line(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    _, url = fake_server
+    lines = make_input(30)
+    lines[11] = record(12, f"{OLD}oversize12")
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    code, err, _ = run_tool(url, key_file, str(src), "-o", str(tmp_path / "o"))
+    assert code == 1
+    (reject,) = read_rejects(tmp_path / "o.rejects")
+    assert (reject["line"], reject["code"]) == (12, "payload_too_large")
+    assert reject["request_id"].endswith("-12") and "batch_index" not in reject
+    out = read_lines(tmp_path / "o")
+    assert out[11] == lines[11]
+    assert out[:11] + out[12:] == [rewrapped(line) for line in lines[:11] + lines[12:]]
+    assert "refused whole" not in err  # one line's fault, not the batch size's
+
+
+def test_batches_over_the_servers_limit_shrink_with_a_warning(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    fake, url = fake_server
+    fake.max_items = 10
+    lines = make_input(200)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    code, err, _ = run_tool(
+        url,
+        key_file,
+        str(src),
+        "-o",
+        str(tmp_path / "o"),
+        "--batch-size",
+        "40",
+        "--concurrency",
+        "1",
+    )
+    assert code == 0, err
+    assert err.count("refused whole (invalid_request) though each line passes alone") == 1
+    assert "going on with --batch-size 20" in err
+    assert read_lines(tmp_path / "o") == [rewrapped(line) for line in lines]

@@ -164,7 +164,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
 
 
 async def stand_in(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """``/encrypt`` and ``/rewrap`` answered as the contract does, after reading the body."""
+    """``/encrypt`` and ``/rewrap`` (single and batch forms) answered as the contract does."""
     if scope["type"] != "http":
         return
     body = b""
@@ -177,8 +177,12 @@ async def stand_in(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if headers.get(b"x-internal-api-key") != KEY.encode():
         status, answer = 401, {"code": "unauthenticated", "detail": "no"}
     elif scope["path"] == "/rewrap":
-        old = json.loads(body)["encrypted_data"]
-        status, answer = 200, {"encrypted_data": old.replace("cit1:oldkid01:", "cit1:newkid01:")}
+        payload = json.loads(body)
+        new = [
+            {"encrypted_data": item["encrypted_data"].replace("cit1:oldkid01:", "cit1:newkid01:")}
+            for item in payload.get("batch", [payload])
+        ]
+        status, answer = 200, {"batch": new} if "batch" in payload else new[0]
     else:
         status, answer = 200, {"encrypted_data": "cit1:newkid01:" + json.loads(body)["plaintext"]}
     content = json.dumps(answer).encode()

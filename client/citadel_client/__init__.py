@@ -12,6 +12,7 @@ keeps working), and its ``citadel.errors`` is this package's
 
 from citadel_client._base import KeyEncoding, MessageEncoding, SignAlgorithm, SignatureEncoding
 from citadel_client.async_client import AsyncCitadelClient
+from citadel_client.batch import Context, DecryptItem, EncryptItem, ItemResult, RewrapItem, SignItem
 from citadel_client.config import ConfigError
 from citadel_client.errors import (
     AuditUnavailable,
@@ -47,12 +48,16 @@ __all__ = [
     "CitadelConnectionError",
     "CitadelError",
     "ConfigError",
+    "Context",
+    "DecryptItem",
+    "EncryptItem",
     "Forbidden",
     "HeadersTooLarge",
     "InternalError",
     "InvalidCiphertext",
     "InvalidKey",
     "InvalidRequest",
+    "ItemResult",
     "KeyEncoding",
     "KeyRetired",
     "MessageEncoding",
@@ -63,7 +68,9 @@ __all__ = [
     "ProviderUnavailable",
     "RateLimited",
     "RequestTimeout",
+    "RewrapItem",
     "SignAlgorithm",
+    "SignItem",
     "SignatureEncoding",
     "Unauthenticated",
     "__version__",

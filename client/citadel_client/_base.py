@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final, Literal, TypeVar
 
 import httpx
@@ -49,6 +49,8 @@ _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Transport failures that no retry can fix: the request itself cannot be sent.
 _NOT_RETRIED: Final = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+
+_FRAME: Final = len(b'{"batch":[]}')
 
 T = TypeVar("T")
 # How an answer is read: the value it carries, or the error it stands for (never raises).
@@ -217,6 +219,33 @@ def sign_payload(
     return payload
 
 
+def chunks(
+    bodies: list[dict[str, object]], max_items: int, max_bytes: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """``(start, count, body)`` of each request: at most ``max_items`` items and, where an
+    item alone is not larger, ``max_bytes`` of body. Each item is encoded once."""
+    if max_items < 1 or max_bytes < 1:
+        raise ValueError("max_batch_items and max_batch_bytes must be positive")
+    start, size = 0, _FRAME
+    parts: list[bytes] = []
+    for index, body in enumerate(bodies):
+        # UTF-8, not \u escapes: the server's body limit is in bytes.
+        part = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        grown = size + len(part) + (1 if parts else 0)
+        if parts and (len(parts) >= max_items or grown > max_bytes):
+            yield start, len(parts), _frame(parts)
+            start, size, parts = index, _FRAME, []
+            grown = size + len(part)
+        parts.append(part)
+        size = grown
+    if parts:
+        yield start, len(parts), _frame(parts)
+
+
+def _frame(parts: list[bytes]) -> bytes:
+    return b'{"batch":[' + b",".join(parts) + b"]}"
+
+
 def encode(payload: Mapping[str, object]) -> bytes:
     # UTF-8, not \u escapes: the server's body limit is in bytes.
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
@@ -283,3 +312,25 @@ class Base:
 
     def _budget(self) -> Budget:
         return Budget(self._deadline, self._clock, self._random)
+
+    def _plan(
+        self,
+        bodies: list[dict[str, object]],
+        user_id: str | None,
+        request_id: str | None,
+        max_items: int,
+        max_bytes: int,
+    ) -> list[tuple[bytes, int, dict[str, str]]]:
+        """Each request of a ``*_many`` call: body, item count, headers; all checked first.
+
+        With more than one request, ``request_id`` gets ``.0``, ``.1``, ... so that
+        each audit line's ``request_id`` and ``batch_index`` name one item.
+        """
+        planned = list(chunks(bodies, max_items, max_bytes))
+        out = []
+        for number, (_start, count, content) in enumerate(planned):
+            rid = request_id
+            if request_id is not None and len(planned) > 1:
+                rid = f"{request_id}.{number}"
+            out.append((content, count, self._headers(user_id, rid)))
+        return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random as _random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Self, TypeVar
 
 import anyio
@@ -25,6 +25,20 @@ from citadel_client._base import (
     keep_no_cookies,
     sign_payload,
 )
+from citadel_client.batch import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_ITEMS,
+    Context,
+    DecryptItem,
+    EncryptItem,
+    ItemResult,
+    RewrapItem,
+    SignItem,
+    batch_reader,
+    context_payload,
+    items_of,
+    results_of,
+)
 from citadel_client.config import Cert, Verify, read_env
 from citadel_client.errors import CitadelError
 from citadel_client.plaintext import Plaintext
@@ -36,6 +50,16 @@ T = TypeVar("T")
 _ENCRYPTED = field_reader("encrypted_data")
 _PLAINTEXT = field_reader("plaintext")
 _SIGNATURE = field_reader("signature")
+
+
+def _same(value: str) -> str:
+    return value
+
+
+def _with_context(payload: dict[str, object], context: Context | None) -> dict[str, object]:
+    if context is not None:
+        payload["context"] = context_payload(context)
+    return payload
 
 
 class AsyncCitadelClient(Base):
@@ -93,17 +117,33 @@ class AsyncCitadelClient(Base):
         return cls(env.base_url, env.api_key, **options)
 
     async def encrypt(
-        self, plaintext: str, *, user_id: str | None = None, request_id: str | None = None
+        self,
+        plaintext: str,
+        *,
+        context: Context | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
     ) -> str:
-        """Encrypt ``plaintext``; returns the ciphertext to store."""
-        payload = {"plaintext": plaintext}
+        """Encrypt ``plaintext``; returns the ciphertext to store.
+
+        With ``context`` (1 to 16 string pairs, e.g. ``{"user_id": "8413"}``) the
+        ciphertext is bound to it: every later decrypt, sign or rewrap must send
+        the same context.
+        """
+        payload = _with_context({"plaintext": plaintext}, context)
         return await self._call("/encrypt", payload, _ENCRYPTED, user_id, request_id)
 
     async def decrypt(
-        self, ciphertext: str, *, user_id: str | None = None, request_id: str | None = None
+        self,
+        ciphertext: str,
+        *,
+        context: Context | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
     ) -> Plaintext:
-        """Decrypt ``ciphertext``; the secret comes wrapped in a :class:`Plaintext`."""
-        payload = {"encrypted_data": ciphertext}
+        """Decrypt ``ciphertext`` (sent with the ``context`` it was bound to, if any);
+        the secret comes wrapped in a :class:`Plaintext`."""
+        payload = _with_context({"encrypted_data": ciphertext}, context)
         return Plaintext(await self._call("/decrypt", payload, _PLAINTEXT, user_id, request_id))
 
     async def sign(
@@ -115,6 +155,7 @@ class AsyncCitadelClient(Base):
         message_encoding: MessageEncoding = "utf-8",
         key_encoding: KeyEncoding | None = None,
         signature_encoding: SignatureEncoding = "hex",
+        context: Context | None = None,
         user_id: str | None = None,
         request_id: str | None = None,
     ) -> str:
@@ -126,15 +167,172 @@ class AsyncCitadelClient(Base):
         payload = sign_payload(
             encrypted_data, message, algorithm, message_encoding, key_encoding, signature_encoding
         )
-        return await self._call("/sign", payload, _SIGNATURE, user_id, request_id)
+        return await self._call(
+            "/sign", _with_context(payload, context), _SIGNATURE, user_id, request_id
+        )
 
     async def rewrap(
-        self, encrypted_data: str, *, user_id: str | None = None, request_id: str | None = None
+        self,
+        encrypted_data: str,
+        *,
+        context: Context | None = None,
+        new_context: Context | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
     ) -> str:
-        """Encrypt the same plaintext again under the active key; returns the new ciphertext."""
-        return await self._call(
-            "/rewrap", {"encrypted_data": encrypted_data}, _ENCRYPTED, user_id, request_id
+        """Encrypt the same plaintext again under the active key; returns the new ciphertext.
+
+        ``context`` is the one ``encrypted_data`` is bound to; the new ciphertext
+        keeps it, or is bound to ``new_context`` instead (how stored ciphertexts
+        get bound to their users without being exposed).
+        """
+        payload = _with_context({"encrypted_data": encrypted_data}, context)
+        if new_context is not None:
+            payload["new_context"] = context_payload(new_context, "new_context")
+        return await self._call("/rewrap", payload, _ENCRYPTED, user_id, request_id)
+
+    async def encrypt_many(
+        self,
+        items: Iterable[str | EncryptItem],
+        *,
+        context: Context | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
+        max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    ) -> list[ItemResult[str]]:
+        """Encrypt each item (a plaintext, or ``{"plaintext", "context"}``), in batches.
+
+        ``context`` is used for the items that name none. Returns one result per
+        item, in order (see :mod:`citadel_client.batch`).
+        """
+        bodies = items_of(items, "plaintext", {"context": context_payload(context)})
+        return await self._many(
+            "/encrypt",
+            "encrypted_data",
+            bodies,
+            _same,
+            user_id,
+            request_id,
+            max_batch_items,
+            max_batch_bytes,
         )
+
+    async def decrypt_many(
+        self,
+        items: Iterable[str | DecryptItem],
+        *,
+        context: Context | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
+        max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    ) -> list[ItemResult[Plaintext]]:
+        """Decrypt each item (a ciphertext, or ``{"encrypted_data", "context"}``), in batches;
+        each value is a :class:`Plaintext`."""
+        bodies = items_of(items, "encrypted_data", {"context": context_payload(context)})
+        return await self._many(
+            "/decrypt",
+            "plaintext",
+            bodies,
+            Plaintext,
+            user_id,
+            request_id,
+            max_batch_items,
+            max_batch_bytes,
+        )
+
+    async def sign_many(
+        self,
+        items: Iterable[SignItem],
+        *,
+        algorithm: SignAlgorithm | None = None,
+        message_encoding: MessageEncoding | None = None,
+        key_encoding: KeyEncoding | None = None,
+        signature_encoding: SignatureEncoding | None = None,
+        context: Context | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
+        max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    ) -> list[ItemResult[str]]:
+        """Sign each item (``{"encrypted_data", "message", ...}``), in batches.
+
+        The keywords fill what an item leaves out (its own ``algorithm`` wins);
+        an encoding left out everywhere is the server's default.
+        """
+        defaults: dict[str, object] = {
+            "algorithm": algorithm,
+            "message_encoding": message_encoding,
+            "key_encoding": key_encoding,
+            "signature_encoding": signature_encoding,
+            "context": context_payload(context),
+        }
+        bodies = items_of(items, "encrypted_data", defaults)
+        return await self._many(
+            "/sign",
+            "signature",
+            bodies,
+            _same,
+            user_id,
+            request_id,
+            max_batch_items,
+            max_batch_bytes,
+        )
+
+    async def rewrap_many(
+        self,
+        items: Iterable[str | RewrapItem],
+        *,
+        context: Context | None = None,
+        new_context: Context | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
+        max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    ) -> list[ItemResult[str]]:
+        """Rewrap each item (a ciphertext, or ``{"encrypted_data", "context", "new_context"}``),
+        in batches; the keywords fill what an item leaves out."""
+        defaults = {
+            "context": context_payload(context),
+            "new_context": context_payload(new_context, "new_context"),
+        }
+        bodies = items_of(items, "encrypted_data", defaults)
+        return await self._many(
+            "/rewrap",
+            "encrypted_data",
+            bodies,
+            _same,
+            user_id,
+            request_id,
+            max_batch_items,
+            max_batch_bytes,
+        )
+
+    async def _many(
+        self,
+        path: str,
+        field: str,
+        bodies: list[dict[str, object]],
+        wrap: Callable[[str], T],
+        user_id: str | None,
+        request_id: str | None,
+        max_items: int,
+        max_bytes: int,
+    ) -> list[ItemResult[T]]:
+        """The requests of a ``*_many`` call, one after the other, each with its retries."""
+        results: list[ItemResult[T]] = []
+        for content, count, headers in self._plan(
+            bodies, user_id, request_id, max_items, max_bytes
+        ):
+            answer = await self._send(
+                path, content, headers, batch_reader(count, field), self._budget()
+            )
+            # The id this request was sent with, should the answer not echo it.
+            request_id_sent, values = answer
+            answer = (request_id_sent or headers.get("X-Request-ID"), values)
+            results.extend(results_of(answer, wrap))
+        return results
 
     async def _call(
         self,

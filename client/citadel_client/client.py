@@ -20,6 +20,13 @@ A migration job (``citadel rewrap`` does this in bulk)::
 
     new_ciphertext = citadel.rewrap(old_ciphertext)
 
+A ciphertext bound to an encryption context (``context=`` on every call, the
+same context each time), and many items in one request
+(:mod:`citadel_client.batch`)::
+
+    ct = citadel.encrypt(secret, context={"user_id": "8413"})
+    results = citadel.decrypt_many([{"encrypted_data": ct, "context": {"user_id": "8413"}}])
+
 Errors are the classes of :mod:`citadel_client.errors`, one per contract code,
 plus :class:`CitadelConnectionError` when Citadel could not be reached. An
 answer without a known code (a proxy's HTML page, say) is a plain
@@ -60,6 +67,7 @@ from citadel_client._base import (
     SignatureEncoding,
 )
 from citadel_client.async_client import AsyncCitadelClient
+from citadel_client.batch import ItemResult
 from citadel_client.errors import CitadelConnectionError
 from citadel_client.plaintext import Plaintext
 from citadel_client.sync_client import CitadelClient
@@ -73,6 +81,7 @@ __all__ = [
     "AsyncCitadelClient",
     "CitadelClient",
     "CitadelConnectionError",
+    "ItemResult",
     "KeyEncoding",
     "MessageEncoding",
     "Plaintext",

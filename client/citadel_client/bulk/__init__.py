@@ -10,13 +10,20 @@ byte of the line kept as it was. The operator's runbook is docs/bulk-rewrap.md;
 what the code relies on (the modules: ``lines`` one line, ``run`` the calls in
 order, ``files`` the partial output and ``--resume``, ``cli`` the command line):
 
-* Bounded memory and concurrency: the input is read in small batches and at
-  most ``window`` lines are held (read, in flight or finished but waiting for
-  an earlier line), with at most ``--concurrency`` calls in flight.
+* Batches: lines that need a call travel ``--batch-size`` to a request
+  (``{"batch": [...]}``); a batch refused whole for one line's data (413, 422)
+  is sent again line by line, so only that line is rejected.
+* Bounded memory and concurrency: the input is read in small pieces and at
+  most ``(--concurrency + 1) * --batch-size`` lines are held (read, in flight
+  or finished but waiting for an earlier line), with at most ``--concurrency``
+  requests in flight.
+* Contexts: ``--context-from`` and ``--new-context-from`` take each line's
+  encryption context (and the new one to bind it to) from its own fields.
 * Lines already under the active key are passed through without a call. The
   target prefix comes from ``--skip-prefix`` or from the first answer; until
   that answer has arrived, calls are made one at a time, so a rerun over
-  already rewrapped data makes one call, not a window of them.
+  already rewrapped data makes one call, not a window of them. With
+  ``--new-context-from`` no line is passed through: each needs its binding.
 * A line that fails for good (not JSON, no ``encrypted_data``, an invalid or
   retired ciphertext) is copied unchanged, recorded in the rejects file and
   makes the exit status 1. Anything that is not the line's fault (connection

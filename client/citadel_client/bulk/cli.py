@@ -18,12 +18,20 @@ import httpx
 
 from citadel_client.async_client import AsyncCitadelClient
 from citadel_client.bulk.files import UsageError, partial_path, replace_with, resume_from
-from citadel_client.bulk.lines import target_prefix
+from citadel_client.bulk.lines import (
+    ContextSpec,
+    ParsedLine,
+    context_of,
+    parse_context_spec,
+    target_prefix,
+)
 from citadel_client.bulk.progress import Progress, count_lines
 from citadel_client.bulk.run import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_URL,
     EXIT_ABORTED,
     EXIT_INTERRUPTED,
+    Contexts,
     Outcome,
     Rewrapper,
     Sink,
@@ -47,6 +55,7 @@ from citadel_client.transport import AsyncKeepAliveTransport
 
 API_KEY_ENV: Final = ENV_API_KEY
 MAX_CONCURRENCY: Final = 64  # under httpx's default pool of 100 connections
+MAX_BATCH_SIZE: Final = 10_000  # the most CITADEL_MAX_BATCH_ITEMS allows
 
 
 class _RefuseKeyOnCommandLine(argparse.Action):
@@ -122,6 +131,25 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=120.0,
         help="seconds one line may take with its retries (default 120)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"lines per request at most (default {DEFAULT_BATCH_SIZE}; at most the "
+        "server's CITADEL_MAX_BATCH_ITEMS)",
+    )
+    p.add_argument(
+        "--context-from",
+        metavar="KEY[=FIELD],...",
+        help="the encryption context each line's ciphertext is bound to, from the line's "
+        "fields (e.g. user_id=id,exchange): the new ciphertext keeps it",
+    )
+    p.add_argument(
+        "--new-context-from",
+        metavar="KEY[=FIELD],...",
+        help="bind each new ciphertext to a context taken from the line's fields "
+        "(e.g. user_id=id): every line is rewrapped, none passed through",
     )
     p.add_argument(
         "--skip-prefix",
@@ -208,6 +236,20 @@ def _default_client(
     )
 
 
+def _contexts(old: ContextSpec | None, new: ContextSpec | None) -> Contexts | None:
+    """Each line's (context, new context) from its fields, as the options ask."""
+    if old is None and new is None:
+        return None
+
+    def contexts(parsed: ParsedLine) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+        return (
+            None if old is None else context_of(parsed.fields, old),
+            None if new is None else context_of(parsed.fields, new),
+        )
+
+    return contexts
+
+
 def cmd_rewrap(args: argparse.Namespace) -> int:
     """The subcommand's ``func``: what ``citadel rewrap`` calls once parsed."""
     return execute(args)
@@ -250,6 +292,23 @@ def _execute(
         raise UsageError(f"--concurrency must be 1 to {MAX_CONCURRENCY}")
     if not args.deadline > 0:
         raise UsageError("--deadline must be positive")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size must be 1 to {MAX_BATCH_SIZE}")
+    try:
+        old_spec = (
+            parse_context_spec(args.context_from, "--context-from") if args.context_from else None
+        )
+        new_spec = (
+            parse_context_spec(args.new_context_from, "--new-context-from")
+            if args.new_context_from
+            else None
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if new_spec is not None and args.skip_prefix is not None:
+        raise UsageError(
+            "--skip-prefix passes lines through, but --new-context-from binds every line"
+        )
     if args.skip_prefix is not None and target_prefix(args.skip_prefix) != args.skip_prefix:
         # A wrong prefix would pass lines through unrewrapped: only the two exact forms.
         raise UsageError("--skip-prefix must be cit1:<key id>: or ev:")
@@ -326,7 +385,14 @@ def _execute(
         # Of how many: counted up front only for a person watching (a file: a quick read).
         total = kept + count_lines(source) if terminal and seekable else None
         rewrapper = Rewrapper(
-            clients, Sink(out, rej), skip_prefix=args.skip_prefix, url=shown_url, warn=say
+            clients,
+            Sink(out, rej),
+            skip_prefix=args.skip_prefix,
+            url=shown_url,
+            warn=say,
+            batch_size=args.batch_size,
+            contexts=_contexts(old_spec, new_spec),
+            bind=new_spec is not None,
         )
         rewrapper.counts.resumed = kept
         rewrapper.counts.rejected = kept_rejects

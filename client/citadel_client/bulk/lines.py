@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
 FIELD: Final = "encrypted_data"
 
 _WS: Final = " \t\n\r"
+_CONTEXT_KEY: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_CONTEXT_PAIRS: Final = 16
 _DECODER: Final = json.JSONDecoder()
 
 
@@ -120,3 +123,37 @@ def target_prefix(ciphertext: str) -> str | None:
     if ciphertext.startswith("ev:"):
         return "ev:"
     return None
+
+
+ContextSpec = tuple[tuple[str, str], ...]  # (context key, the line's field it comes from)
+
+
+def parse_context_spec(text: str, option: str) -> ContextSpec:
+    """``KEY[=FIELD],...``: each KEY of the context takes the value of the line's FIELD
+    (by default the field of the same name). Raises ``ValueError`` naming ``option``."""
+    pairs: list[tuple[str, str]] = []
+    for part in text.split(","):
+        key, _, field = part.strip().partition("=")
+        key, field = key.strip(), field.strip() or key.strip()
+        if not _CONTEXT_KEY.fullmatch(key):
+            raise ValueError(f"{option}: a context key is 1 to 64 of A-Za-z0-9_.-")
+        if field == FIELD:
+            raise ValueError(f"{option}: the context cannot come from {FIELD} itself")
+        pairs.append((key, field))
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise ValueError(f"{option}: a context key is named twice")
+    if len(pairs) > MAX_CONTEXT_PAIRS:
+        raise ValueError(f"{option}: a context has at most {MAX_CONTEXT_PAIRS} keys")
+    return tuple(pairs)
+
+
+def context_of(fields: dict[str, Any], spec: ContextSpec) -> dict[str, str]:
+    """A line's context from its fields: strings as they are, integers as decimal text
+    (a numeric row id); anything else, or a field the line lacks, is ``invalid_context``."""
+    context = {}
+    for key, field in spec:
+        value = fields.get(field)
+        if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+            raise LineError("invalid_context", fields)
+        context[key] = str(value)
+    return context
