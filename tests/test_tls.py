@@ -451,3 +451,34 @@ def test_a_stalled_client_costs_the_server_no_lasting_descriptor(tmp_path: Path)
             time.sleep(0.05)
         for s in sockets:
             s.close()
+
+
+# -- what the listener relies on ---------------------------------------------------------------
+
+
+def test_asyncio_s_own_loop_serves_and_refuses_as_uvloop_does(
+    tmp_path: Path, logs: Recorder
+) -> None:
+    ca = Authority.make()
+    ca_file = ca.write(tmp_path / "ca")
+    with serve_tls(tls_settings(tmp_path, ca, mutual=True), loop="asyncio") as served:
+        cert = ca.client("sentinel").write(tmp_path, "sentinel")
+        with served.client(ca_file, cert) as c:
+            assert c.get("/health").status_code == 200
+        assert refused(served.port, client_context(ca_file))
+        wait_until(lambda: logs.named("tls_handshake_refused"))
+    assert logs.named("tls_handshake_refused")[0]["reason"] == "no_client_certificate"
+
+
+def test_the_tls_protocols_the_listener_builds_take_the_arguments_it_passes() -> None:
+    """asyncio's and uvloop's TLS protocols are not public API: if these move, review
+    citadel/tls_listener.py (it builds them as loop.create_server(ssl=...) does)."""
+    import asyncio.sslproto
+    import inspect
+
+    import uvloop.loop
+
+    names = list(inspect.signature(asyncio.sslproto.SSLProtocol).parameters)
+    assert names[:4] == ["loop", "app_protocol", "sslcontext", "waiter"]
+    assert {"server_side", "ssl_handshake_timeout", "ssl_shutdown_timeout"} <= set(names)
+    assert hasattr(uvloop.loop, "SSLProtocol")

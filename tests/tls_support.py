@@ -223,8 +223,11 @@ class TlsServed:
 
 
 @contextmanager
-def serve_tls(settings: Settings) -> Iterator[TlsServed]:
-    """Citadel over TLS with uvicorn in a thread, with the options ``citadel serve`` uses."""
+def serve_tls(settings: Settings, loop: str = "auto") -> Iterator[TlsServed]:
+    """Citadel over TLS with uvicorn in a thread, with the options ``citadel serve`` uses.
+
+    ``loop`` as uvicorn takes it: ``auto`` is uvloop, as ``citadel serve`` runs.
+    """
     audit = AuditSink()
     app = create_app(settings, audit_sink=audit)
     port = free_port()
@@ -232,7 +235,7 @@ def serve_tls(settings: Settings) -> Iterator[TlsServed]:
     listener = options["http"]
     assert isinstance(listener, TlsListener)
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", **options)
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", loop=loop, **options)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
