@@ -182,6 +182,60 @@ def test_the_body_deadline_holds_over_tls(tmp_path: Path) -> None:
         assert served.audit.events()[-1]["code"] == "request_timeout"
 
 
+def _request(key: bytes, body: bytes, *extra: bytes) -> bytes:
+    lines = [
+        b"POST /encrypt HTTP/1.1",
+        b"Host: citadel",
+        b"Content-Type: application/json",
+        b"X-Internal-API-Key: " + key,
+        b"Content-Length: %d" % len(body),
+        *extra,
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def _read_all(s: ssl.SSLSocket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):  # a reset fails the test
+        out += chunk
+    return out
+
+
+def test_an_early_401_over_tls_drains_the_body_then_closes_without_a_reset(
+    tmp_path: Path,
+) -> None:
+    ca = Authority.make()
+    ca_file = ca.write(tmp_path / "ca")
+    request = _request(b"wrong-key", json.dumps({"plaintext": "x" * 20_000}).encode())
+    head_end = request.index(b"\r\n\r\n") + 4
+    with (
+        serve_tls(tls_settings(tmp_path, ca)) as served,
+        tls_socket(served.port, client_context(ca_file)) as s,
+    ):
+        s.sendall(request[:head_end])
+        answer = b""
+        while b"}" not in answer:
+            chunk = s.recv(65536)
+            assert chunk, "closed before the answer"
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401")
+        s.sendall(request[head_end:])
+        assert _read_all(s) == b""
+
+
+def test_an_upgrade_header_over_tls_is_ignored_and_the_body_read(tmp_path: Path) -> None:
+    ca = Authority.make()
+    ca_file = ca.write(tmp_path / "ca")
+    body = json.dumps({"plaintext": "hello"}).encode()
+    upgrade = (b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: h2c", b"HTTP2-Settings: AAMA")
+    with (
+        serve_tls(tls_settings(tmp_path, ca)) as served,
+        tls_socket(served.port, client_context(ca_file)) as s,
+    ):
+        s.sendall(_request(KEYS["sentinel"].encode(), body, *upgrade))
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+
+
 # -- mutual TLS --------------------------------------------------------------------------------
 
 
