@@ -95,7 +95,7 @@ def _tls(settings: Settings) -> str:
             "ok, but plaintext_listener: plain HTTP in production (set "
             "CITADEL_TLS_CERT_FILE and CITADEL_TLS_KEY_FILE unless a sidecar terminates TLS)"
         )
-    loaded = ContextReloader.start(files).loaded
+    loaded = ContextReloader.load(files).loaded
     expiry = loaded.not_after.strftime("%Y-%m-%d")
     if loaded.expired:
         raise SettingError("CITADEL_TLS_CERT_FILE", f"holds a certificate that expired on {expiry}")

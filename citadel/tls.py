@@ -94,6 +94,7 @@ class Loaded:
 
     @property
     def expired(self) -> bool:
+        """Whether the certificate's validity has ended (clients will refuse it)."""
         return self.not_after <= datetime.now(UTC)
 
 
@@ -157,7 +158,7 @@ def load_context(files: TlsFiles) -> Loaded:
 class ContextReloader:
     """The context new connections get, following the files once a second.
 
-    Built with the context start-up loaded; :meth:`ensure_polling` starts the
+    Built with the context start-up loaded (:meth:`load`); :meth:`ensure_polling` starts the
     poll on the running loop (the listener calls it at its first connection,
     in each worker process).
     """
@@ -171,8 +172,8 @@ class ContextReloader:
         self.reloads = 0
 
     @classmethod
-    def start(cls, files: TlsFiles) -> ContextReloader:
-        """Load the files now (:class:`SettingError` when they cannot serve)."""
+    def load(cls, files: TlsFiles) -> ContextReloader:
+        """A reloader with the files loaded now (:class:`SettingError` when they cannot serve)."""
         stamps = files.stamps()
         loaded = load_context(files)
         reloader = cls(files, loaded)
@@ -281,6 +282,7 @@ class CallerBinding:
 
     @property
     def callers(self) -> frozenset[str]:
+        """The callers that have an identity."""
         return frozenset(self._identity_of)
 
     def binds(self, caller: str, peer: frozenset[str] | None) -> bool:

@@ -139,7 +139,7 @@ class TlsListener:
     ) -> None:
         self.files = files
         self.header_timeout_s = header_timeout_s
-        self.reloader = reloader or ContextReloader.start(files)
+        self.reloader = reloader or ContextReloader.load(files)
         self.refusals = RefusalLog()
         self._http = http_protocol or _guarded_protocol()
         self._tls_class: Any = None
