@@ -103,7 +103,7 @@ def _tls(settings: Settings) -> str:
     if loaded.mutual:
         text += ", client certificates required"
     if settings.tls_caller_identities is not None:
-        text += f", {len(settings.tls_caller_identities)} caller identities"
+        text += f", caller identities for {len(settings.tls_caller_identities)}"
         keys, _ = _resolved_keys(settings)
         missing = unbound_callers(settings.tls_caller_identities, keys)
         if missing:
