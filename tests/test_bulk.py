@@ -935,3 +935,41 @@ def test_batches_over_the_servers_limit_shrink_with_a_warning(
     assert err.count("refused whole (invalid_request) though each line passes alone") == 1
     assert "going on with --batch-size 20" in err
     assert read_lines(tmp_path / "o") == [rewrapped(line) for line in lines]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"id": 1, "encrypted_data": "cit1:k:abc"}',
+        '{"encrypted_data":"cit1:k:abc","id":1}',
+        '  { "encrypted_data" :  "cit1:k:abc" , "n": 1.50e3 }  ',
+        '{"a": "cit1:k:abc", "encrypted_data": "cit1:k:abc"}',  # the value's text twice
+        '{"encrypted_data": "cit1:k:a\\/b"}',  # an escape json.dumps would not write
+        '{"encrypted\\u005fdata": "cit1:k:abc"}',  # the key written with an escape
+        '{"x\\"encrypted_data": "v", "encrypted_data": "w"}',
+        '{"nested": {"encrypted_data": "inner"}, "encrypted_data": "outer"}',
+        '{"list": [1, 2], "encrypted_data": "ct", "user": "\u00e9"}',
+        '{"encrypted_data": null, "id": 2}',
+    ],
+)
+def test_the_fast_path_finds_what_the_walk_finds(text: str) -> None:
+    from citadel_client.bulk.lines import _walk
+
+    fast, walked = bulk.parse_line(text), _walk(text)
+    assert (fast.start, fast.end, fast.value, fast.fields) == (
+        walked.start,
+        walked.end,
+        walked.value,
+        walked.fields,
+    )
+    assert fast.replaced("NEW") == walked.replaced("NEW")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"encrypted_data": "a", "encrypted_data": "a"}', '{"id": 1, "id": 2, "encrypted_data": "a"}'],
+)
+def test_a_duplicated_key_is_refused_on_the_fast_path_too(text: str) -> None:
+    with pytest.raises(bulk.LineError) as exc:
+        bulk.parse_line(text)
+    assert exc.value.code == "invalid_line"

@@ -36,8 +36,7 @@ class ParsedLine:
 
     def replaced(self, ciphertext: str) -> str:
         """The same text with only the value replaced: spacing, numbers and escapes stay."""
-        new = json.dumps(ciphertext, ensure_ascii=False)
-        return self.text[: self.start] + new + self.text[self.end :]
+        return self.text[: self.start] + _encode_str(ciphertext) + self.text[self.end :]
 
     def frame(self) -> tuple[str, str]:
         """Everything but the value: equal for an input line and its output line."""
@@ -50,13 +49,57 @@ def _skip_ws(text: str, i: int) -> int:
     return i
 
 
+_PAIRS: Final = json.JSONDecoder(object_pairs_hook=list)
+# A string's JSON text as json.dumps(..., ensure_ascii=False) writes it, without its
+# per-call set-up (the C encoder where there is one): called twice a line.
+_encode_str: Final = json.encoder.encode_basestring
+
+
 def parse_line(text: str) -> ParsedLine:
     """Find ``encrypted_data`` in one top-level JSON object, keeping every character's place.
 
-    The object is walked with the standard library's own decoder, one key and
-    one value at a time, so that the value's position is known and a duplicated
-    key (which a plain ``json.loads`` would silently resolve) is refused.
+    A flat line (the usual export: no nested objects or arrays) is decoded by the
+    C decoder and its value found by its text; anything else, or a line where
+    that is ambiguous, is walked key by key (:func:`_walk`). Both refuse a
+    duplicated key, which a plain ``json.loads`` would silently resolve.
     """
+    return _flat(text) or _walk(text)
+
+
+def _flat(text: str) -> ParsedLine | None:
+    """The fast path, or None to let the walk decide (including every error)."""
+    start = _skip_ws(text, 0)
+    if text[start : start + 1] != "{":
+        return None
+    try:
+        pairs = _PAIRS.decode(text)
+    except ValueError:
+        return None
+    fields: dict[str, Any] = {}
+    value: object = None
+    found = False
+    for key, item in pairs:
+        if isinstance(item, list) or key in fields or (key == FIELD and found):
+            return None  # nested, or a duplicated key: the walk says which
+        if key == FIELD:
+            value, found = item, True
+        else:
+            fields[key] = item
+    if not found or not isinstance(value, str):
+        return None
+    encoded = _encode_str(value)
+    at = text.find(encoded)
+    if at < 0 or text.find(encoded, at + 1) >= 0:
+        return None  # written with other escapes, or the same text twice
+    before = text[:at].rstrip(_WS)
+    if not before.endswith(":") or not before[:-1].rstrip(_WS).endswith(f'"{FIELD}"'):
+        return None
+    return ParsedLine(text, at, at + len(encoded), value, fields)
+
+
+def _walk(text: str) -> ParsedLine:
+    """The object walked with the standard library's own decoder, one key and one value
+    at a time, so that the value's position is known and a duplicated key is refused."""
     try:
         i = _skip_ws(text, 0)
         if text[i : i + 1] != "{":
