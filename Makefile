@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8004
 
-.PHONY: run test test-fast lint bench emulator container-check clean
+.PHONY: run test test-fast coverage lint bench emulator container-check clean
 
 $(VENV)/.installed: pyproject.toml client/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Citadel needs Python 3.11 or newer" if sys.version_info < (3, 11) else 0)'
@@ -25,6 +25,10 @@ test: $(VENV)/.installed  ## the whole test suite (installs redis-server and ngi
 
 test-fast: $(VENV)/.installed  ## unit and in-thread HTTP tests only, under a minute (no process, venv, nginx, redis)
 	$(BIN)/pytest -m "not slow" -n 4
+
+coverage: $(VENV)/.installed  ## the whole suite with line and branch coverage of citadel and citadel_client
+	@scripts/ensure-test-packages
+	$(BIN)/pytest -n 2 --cov=citadel --cov=citadel_client --cov-branch --cov-report=term:skip-covered
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -119,6 +119,7 @@ async def test_a_chunked_answer_is_read_whole() -> None:
         request = httpx.Request("POST", server.url + "/rewrap", content=b"{}")
         response = await transport.handle_async_request(request)
         assert (response.status_code, response.content) == (200, b"abcdefg")
+        await transport.aclose()
     finally:
         server.sock.close()
 

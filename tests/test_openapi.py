@@ -1,0 +1,88 @@
+"""One description of each operation: what /docs shows is what the server validates and sends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from support import Served, headers, make_settings, serve_citadel
+
+from citadel.http.bodies import (
+    CiphertextRequest,
+    EncryptedData,
+    EncryptRequest,
+    ErrorBody,
+    PlaintextResponse,
+    SignatureResponse,
+    SignRequest,
+)
+
+REQUESTS: dict[str, type[BaseModel]] = {
+    "encrypt": EncryptRequest,
+    "decrypt": CiphertextRequest,
+    "sign": SignRequest,
+    "rewrap": CiphertextRequest,
+}
+ANSWERS: dict[str, type[BaseModel]] = {
+    "encrypt": EncryptedData,
+    "decrypt": PlaintextResponse,
+    "sign": SignatureResponse,
+    "rewrap": EncryptedData,
+}
+ACL = {"sentinel": ["encrypt"], "conductor": ["decrypt", "sign", "rewrap"]}
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Any:
+    with serve_citadel(make_settings(tmp_path, acl=ACL)) as s:
+        yield s
+
+
+def _schema_of(document: dict[str, Any], operation: str, part: str) -> dict[str, Any]:
+    post = document["paths"][f"/{operation}"]["post"]
+    if part == "request":
+        content = post["requestBody"]["content"]
+    else:
+        content = post["responses"]["200"]["content"]
+    ref: str = content["application/json"]["schema"]["$ref"]
+    schema: dict[str, Any] = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    return schema
+
+
+@pytest.mark.parametrize("operation", sorted(REQUESTS))
+def test_the_documented_request_schema_is_the_validating_models(
+    served: Served, operation: str
+) -> None:
+    with served.client() as c:
+        document = c.get("/openapi.json").json()
+    model = REQUESTS[operation]
+    assert _schema_of(document, operation, "request") == model.model_json_schema()
+
+
+@pytest.mark.parametrize("operation", sorted(ANSWERS))
+def test_a_live_answer_has_exactly_the_documented_fields(served: Served, operation: str) -> None:
+    with served.client() as c:
+        r = c.post("/encrypt", json={"plaintext": "hmac-secret"}, headers=headers("sentinel"))
+        ct = r.json()["encrypted_data"]
+        bodies = {
+            "encrypt": {"plaintext": "x"},
+            "decrypt": {"encrypted_data": ct},
+            "rewrap": {"encrypted_data": ct},
+            "sign": {"encrypted_data": ct, "algorithm": "hmac-sha256", "message": "m"},
+        }
+        caller = "sentinel" if operation == "encrypt" else "conductor"
+        r = c.post(f"/{operation}", json=bodies[operation], headers=headers(caller))
+        document = c.get("/openapi.json").json()
+    assert r.status_code == 200
+    documented = _schema_of(document, operation, "response")
+    assert set(r.json()) == set(documented["properties"])
+    ANSWERS[operation].model_validate(r.json(), strict=True)
+
+
+def test_an_error_answer_has_exactly_the_documented_fields(served: Served) -> None:
+    with served.client() as c:
+        r = c.post("/encrypt", json={"plaintext": ""}, headers=headers("sentinel"))
+    assert r.status_code == 422
+    assert set(r.json()) == set(ErrorBody.model_fields)
