@@ -5,7 +5,8 @@ caller holds ``rewrap`` and its own high limit (``CITADEL_RATE_LIMITS``), as
 an operator would set a migration up. The input is made under keys that are
 then rotated away from (one of them retired), so the tool has real work and
 real rejects. What the server did is read from its audit sink: one
-``/rewrap`` line per call.
+``/rewrap`` line per line sent (a batch writes one per item, with its
+``batch_index``), each with the ``ct_fp`` of the ciphertext it was sent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from support import KEYS, Served, make_settings, serve_citadel, wait_until
 
 from citadel.keyring import change_keyring, create_keyring, load_keyring, rotate_keyring
 from citadel.providers.local import LocalProvider
+from citadel_client.fingerprint import fingerprint
 from evervault_emulator import EvervaultEmulator
 
 pytestmark = pytest.mark.slow
@@ -81,6 +83,7 @@ def record(i: int, ct: str) -> str:
 
 
 def tool(tmp_path: Path, url: str, *argv: str, **popen: Any) -> subprocess.Popen[str]:
+    """``citadel rewrap`` as a process, with the migrator's key from the environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CITADEL_", "EVERVAULT_"))}
     env.update(PYTHONPATH=str(ROOT), CITADEL_API_KEY=MIGRATOR_KEY)
     return subprocess.Popen(
@@ -165,16 +168,18 @@ def test_10000_lines_are_rewrapped_in_order_with_bad_lines_rejected(
     assert {r["line"]: r["code"] for r in rejects} == expected_rejects
     assert [r["line"] for r in rejects] == sorted(expected_rejects)
     events = [e for e in s.served.audit.events() if e["operation"] == "rewrap"]
-    assert len(events) == N - 2  # one call per line holding a ciphertext, no retries
+    assert len(events) == N - 2  # one audit line per line holding a ciphertext, no retries
     assert sum(e["code"] == "ok" for e in events) == N - 8
     assert sorted(e["code"] for e in events if e["code"] != "ok") == sorted(
         code for code in expected_rejects.values() if code in ("key_retired", "invalid_ciphertext")
     )
-    by_request = {e["request_id"]: e for e in events}
+    assert max(e.get("batch_size", 1) for e in events) == 100  # batches, after the first line
+    by_item = {(e["request_id"], e.get("batch_index")): e for e in events}
     for r in rejects:
         if "request_id" in r:  # the lines that got a call lead to their audit event
-            assert by_request[r["request_id"]]["code"] == r["code"]
-            assert by_request[r["request_id"]]["ct_fp"] == r["ct_fp"]
+            event = by_item[(r["request_id"], r.get("batch_index"))]
+            assert event["code"] == r["code"]
+            assert event["ct_fp"] == r["ct_fp"]
     assert f"{N - 8} rewrapped, 0 passed through, 8 rejected" in err
     assert MIGRATOR_KEY not in err
     assert plaintext(1) not in err + rejects_file.read_text()
@@ -213,13 +218,19 @@ def complete_lines(path: Path) -> int:
         return 0
 
 
-def calls_by_run(site: Site) -> dict[str, list[int]]:
-    """Line numbers called, per run: the tool's request ids are ``rewrap-<run id>-<line>``."""
+def calls_by_run(site: Site, lines: list[str]) -> dict[str, list[int]]:
+    """Line numbers sent, per run: the run from the tool's request ids
+    (``rewrap-<run id>-<first line of the batch>``), each line from its event's ``ct_fp``."""
+    line_of = {
+        fingerprint(json.loads(line)["encrypted_data"]): number
+        for number, line in enumerate(lines, 1)
+        if line.endswith("}") and "encrypted_data" in json.loads(line)
+    }
     runs: dict[str, list[int]] = {}
     for e in site.served.audit.events():
         if e["operation"] == "rewrap":
-            _, run, line = e["request_id"].split("-")
-            runs.setdefault(run, []).append(int(line))
+            _, run, _first = e["request_id"].split("-")
+            runs.setdefault(run, []).append(line_of.get(e["ct_fp"], 0))  # 0: another input
     return runs
 
 
@@ -265,12 +276,12 @@ def test_killed_run_resumes_with_only_the_remaining_calls_and_a_rerun_makes_one(
     assert not out.exists()
     kept = complete_lines(partial)
     assert 1000 <= kept < 9000
-    (killed_run,) = calls_by_run(s)
+    (killed_run,) = calls_by_run(s, lines)
 
     code, err = finish(tool(tmp_path, s.served.url, str(src), "--output", str(out), "--resume"))
 
     assert code == 1, err  # finished, with the rejected lines
-    runs = calls_by_run(s)
+    runs = calls_by_run(s, lines)
     (resumed_run,) = set(runs) - {killed_run}
     called_before = set(runs[killed_run])
     assert called_before >= set(range(1, kept + 1)) - set(CALLLESS_REJECTS)  # kept lines had theirs
@@ -297,8 +308,9 @@ def test_killed_run_resumes_with_only_the_remaining_calls_and_a_rerun_makes_one(
     again = tmp_path / "again.jsonl"
     code, err = finish(tool(tmp_path, s.served.url, str(out), "--output", str(again)))
     assert code == 1, err  # the same four lines are rejected again
-    (rerun_id,) = set(calls_by_run(s)) - {killed_run, resumed_run}
-    assert calls_by_run(s)[rerun_id] == [1]  # one call, for the first line
+    line_of_output = calls_by_run(s, out.read_text().splitlines())
+    (rerun_id,) = set(line_of_output) - {killed_run, resumed_run}
+    assert line_of_output[rerun_id] == [1]  # one call, for the first line
     assert f"1 rewrapped, {N - 5} passed through, 4 rejected" in err
     rerun = again.read_text().splitlines()
     assert rerun[1:] == result[1:]  # passed through byte for byte
@@ -322,7 +334,10 @@ def test_rate_limited_calls_are_retried_until_every_line_is_rewrapped(tmp_path: 
     src.write_text("".join(line + "\n" for line in lines))
     out = tmp_path / "rewrapped.jsonl"
     with serve_citadel(settings) as served:
-        code, err = finish(tool(tmp_path, served.url, str(src), "--output", str(out)))
+        # A batch counts its items against the limit and must fit in it whole: 20 of 40/s.
+        code, err = finish(
+            tool(tmp_path, served.url, str(src), "--output", str(out), "--batch-size", "20")
+        )
         events = [e for e in served.audit.events() if e["operation"] == "rewrap"]
     assert code == 0, err
     assert sum(e["code"] == "rate_limited" for e in events) > 0  # it was held back, and waited

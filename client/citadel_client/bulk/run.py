@@ -442,8 +442,9 @@ class Rewrapper:
             return "this caller may not rewrap: grant it `rewrap` in CITADEL_ACL"
         if isinstance(exc, RateLimited):
             return (
-                "still rate limited at the deadline: lower --concurrency or raise this "
-                "caller's limit in CITADEL_RATE_LIMITS"
+                "still rate limited at the deadline: lower --concurrency or --batch-size (a "
+                "batch counts its lines and must fit whole in what is left of the caller's "
+                "limit), or raise this caller's limit in CITADEL_RATE_LIMITS"
             )
         if isinstance(exc, ProviderUnavailable):
             return "the provider stayed unavailable until the deadline (provider_unavailable)"
