@@ -819,3 +819,32 @@ async def test_async_sign_and_rewrap_errors_are_not_retried(
             await c.rewrap(SECRET)
     assert sign.call_count == rewrap.call_count == 1 and fake.waits == []
     assert_clean(exc.value)
+
+
+def test_on_retry_is_told_each_wait_before_it_starts(
+    mocked: respx.MockRouter, fake: FakeTime
+) -> None:
+    """What a progress display shows: the error and the wait, once per wait, none at the end."""
+    seen: list[tuple[str, float]] = []
+    mocked.post("/encrypt").mock(
+        side_effect=[
+            error(429, "rate_limited", **{"Retry-After": "3"}),
+            error(503, "provider_unavailable"),
+            ok(OK_ENCRYPT),
+        ]
+    )
+    with sync_client(fake, on_retry=lambda err, wait: seen.append((err.code, wait))) as c:
+        assert c.encrypt(SECRET) == "ct:1"
+    assert seen == [("rate_limited", 3.0), ("provider_unavailable", 2.0)]
+    assert fake.waits == [3.0, 2.0]
+
+
+@pytest.mark.anyio
+async def test_async_on_retry_is_told_each_wait(mocked: respx.MockRouter, fake: FakeTime) -> None:
+    seen: list[float] = []
+    mocked.post("/rewrap").mock(
+        side_effect=[error(503, "provider_unavailable", **{"Retry-After": "1"}), ok(OK_REWRAP)]
+    )
+    async with async_client(fake, on_retry=lambda _err, wait: seen.append(wait)) as c:
+        assert await c.rewrap("ct") == OK_REWRAP["encrypted_data"]
+    assert seen == [1.0]
