@@ -18,13 +18,13 @@ import ccxt.async_support as ccxt_async
 import pytest
 from ccxt_oracle import (
     CASES,
-    PARAMS,
     SECRETS,
-    Captured,
     Case,
+    capture_async,
     capture_class,
+    capture_sync,
+    endpoints,
     freeze,
-    private_endpoints,
 )
 from support import KEYS, Served, make_settings, serve_citadel
 
@@ -59,19 +59,7 @@ def conductor(served: Served) -> Iterator[CitadelClient]:
 
 
 def endpoints_of(case: Case, ex: Any) -> list[tuple[Any, str, str]]:
-    return private_endpoints(ex) + list(case.endpoints)
-
-
-def capture_sync(ex: Any, api: Any, method: str, path: str) -> tuple[Any, ...]:
-    with pytest.raises(Captured) as info:
-        ex.request(path, api, method, dict(PARAMS))
-    return info.value.request
-
-
-async def capture_async(ex: Any, api: Any, method: str, path: str) -> tuple[Any, ...]:
-    with pytest.raises(Captured) as info:
-        await ex.request(path, api, method, dict(PARAMS))
-    return info.value.request
+    return endpoints(ex) + list(case.more)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -82,13 +70,13 @@ def test_sync_requests_are_byte_for_byte_plain_ccxts(
     plain = cls(case.config(SECRETS[case.secret]))
     adapted = exchange(cls, conductor, case.config(ciphertexts[case.secret]))
     assert isinstance(adapted, getattr(ccxt, case.exchange_id))
-    endpoints = endpoints_of(case, plain)
-    assert endpoints
-    for api, method, path in endpoints:
+    tried = endpoints_of(case, plain)
+    assert tried
+    for api, method, path in tried:
         freeze(plain)
         freeze(adapted)
-        expected = capture_sync(plain, api, method, path)
-        got = capture_sync(adapted, api, method, path)
+        expected = capture_sync(plain, (api, method, path))
+        got = capture_sync(adapted, (api, method, path))
         assert got == expected, (api, method, path)
 
 
@@ -106,8 +94,8 @@ def test_async_requests_are_byte_for_byte_plain_ccxts(
                 for api, method, path in endpoints_of(case, plain):
                     freeze(plain)
                     freeze(adapted)
-                    expected = await capture_async(plain, api, method, path)
-                    got = await capture_async(adapted, api, method, path)
+                    expected = await capture_async(plain, (api, method, path))
+                    got = await capture_async(adapted, (api, method, path))
                     assert got == expected, (api, method, path)
             finally:
                 await plain.close()

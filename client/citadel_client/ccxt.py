@@ -309,6 +309,47 @@ def _ccxt_constants(value: object, found: set[object]) -> None:
 
 # -- the per-instance machinery --------------------------------------------------------------------
 
+# ccxt's sources of time and randomness: recorded at an async request's first sign()
+# and played back at the next, so that both runs build the same messages.
+_TAPED: Final = (
+    "milliseconds",
+    "seconds",
+    "microseconds",
+    "nonce",
+    "incrementing_nonce",
+    "uuid",
+    "uuid16",
+    "uuid22",
+    "uuidv1",
+    "random_bytes",
+    "rand_number",
+)
+_MAX_ROUNDS: Final = 4  # sign() runs per async request: one more per chained signature
+
+
+def _call_key(call: _Call) -> tuple[str, str, bytes, str, str]:
+    return (
+        call.key.ciphertext,
+        call.algorithm,
+        call.message,
+        call.key_encoding,
+        call.signature_encoding,
+    )
+
+
+class _Round:
+    """One async request's runs of sign(): the tape, the signatures known, the ones missing."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.tape: list[tuple[str, Any]] = []
+        self.replaying = False
+        self.position = 0
+        self.depth = 0
+        self.known: dict[tuple[str, str, bytes, str, str], str | bytes] = {}
+        self.missing: list[_Call] = []
+
 
 class _Signer:
     """What an adapted exchange object holds: its credentials, and how it reaches Citadel."""
@@ -316,22 +357,27 @@ class _Signer:
     def __init__(
         self,
         ex: Any,
-        client: CitadelClient | AsyncCitadelClient,
+        client: Any,
+        asynchronous: bool,
         secrets: dict[str, str],
         context: Mapping[str, str] | None,
         originals: dict[str, Callable[..., Any]],
+        plain_values: set[object],
     ) -> None:
         self.ex = ex
         self.client = client
+        self.asynchronous = asynchronous
         self.secrets = secrets  # credential name -> ciphertext
         self.context = context
         self.originals = originals
         self.credentials: dict[str, _Credential] = {}
-        self.constants: set[object] = set()
+        # Keys ccxt may sign with itself: its own constants (broker ids in its options)
+        # and the config's other values (the passphrase, the uid), which are no secret
+        # of Citadel's.
+        self.constants: set[object] = set(plain_values)
         _ccxt_constants(getattr(ex, "options", {}), self.constants)
-        self.recording: list[tuple[_Call, str | bytes]] | None = None
-        self.last_pending: list[tuple[_Call, str | bytes]] | None = None
-        self.in_sign = False
+        self.round: _Round | None = None
+        self.last_round: _Round | None = None
 
     @property
     def ready(self) -> bool:
@@ -345,46 +391,70 @@ class _Signer:
     # -- recognising keys --
 
     def key_for(self, value: object) -> _Key | None:
-        """The credential ``value`` is a form of, None for ccxt's own constants and other keys.
+        """The credential ``value`` is a form of; None for the keys ccxt may use itself.
 
-        A value that touches a stand-in without being one of its known forms
-        is a key ccxt derived from the secret: :class:`NotCovered`.
+        Any other key (one derived from the secret, say, or the secret not yet
+        resolved) is :class:`NotCovered`: the adapter never lets ccxt sign
+        with something it cannot vouch for.
         """
-        if isinstance(value, bytearray):
+        if isinstance(value, bytearray | memoryview):
             value = bytes(value)
-        if not isinstance(value, str | bytes):
-            return None
-        for cred in self.credentials.values():
-            known = cred.keys.get(value)
-            if known is not None:
-                return known
-        if value in self.constants:
-            return None
+        if isinstance(value, str | bytes):
+            for cred in self.credentials.values():
+                known = cred.keys.get(value)
+                if known is not None:
+                    return known
+            if value in self.constants:
+                return None
         for cred in self.credentials.values():
             if cred.touches(value):
                 raise NotCovered(
                     f"{self.ex.id} derives a key from its {cred.name}, which /sign cannot do."
                 )
-        if not self.ready and isinstance(value, str) and value.startswith(_UNRESOLVED):
-            raise NotCovered(f"{self.ex.id} signs before the adapter learned the secret's form.")
-        return None
+        raise NotCovered(
+            f"{self.ex.id} signs with a key that is neither a Citadel ciphertext's "
+            "nor one of ccxt's own constants."
+        )
 
     def refuse_tainted(self, what: str, value: object) -> None:
         for cred in self.credentials.values():
             if cred.touches(value):
                 raise NotCovered(
-                    f"{self.ex.id} uses its {cred.name} in {what}, which /sign cannot do."
+                    f"{self.ex.id} puts its {cred.name} into {what}, which Citadel never gives out."
                 )
+
+    # -- the clock and random ids of an async request --
+
+    def taped(self, name: str, produce: Callable[[], Any]) -> Any:
+        run = self.round
+        if run is None or run.depth:
+            return produce()
+        if run.replaying:
+            if run.position >= len(run.tape) or run.tape[run.position][0] != name:
+                raise NotCovered(f"{self.ex.id} signs differently on a second run of sign().")
+            value = run.tape[run.position][1]
+            run.position += 1
+            return value
+        run.depth += 1
+        try:
+            value = produce()
+        finally:
+            run.depth -= 1
+        run.tape.append((name, value))
+        return value
 
     # -- signing --
 
     def signature(self, call: _Call) -> str | bytes:
-        """Sync: Citadel's signature now. Async: a placeholder, recorded for the fetch."""
-        if self.recording is not None:
-            placeholder = _placeholder(call)
-            self.recording.append((call, placeholder))
-            return placeholder
-        if isinstance(self.client, AsyncCitadelClient):
+        """Sync: Citadel's signature now. Async: one a previous run fetched, or a placeholder."""
+        run = self.round
+        if run is not None:
+            known = run.known.get(_call_key(call))
+            if known is not None:
+                return known
+            run.missing.append(call)
+            return _placeholder(call)
+        if self.asynchronous:
             raise NotCovered(
                 f"{self.ex.id} signs outside a REST request (e.g. a websocket authenticate), "
                 "which the async adapter cannot route to Citadel."
@@ -403,46 +473,24 @@ class _Signer:
         return (call.key.ciphertext, message), kwargs
 
     def _sign_sync(self, call: _Call) -> str:
-        assert isinstance(self.client, CitadelClient)
         args, kwargs = self._sign_args(call)
-        return self.client.sign(*args, **kwargs)
+        signature: str = self.client.sign(*args, **kwargs)
+        return signature
 
-    async def resolve(self, pending: list[tuple[_Call, str | bytes]]) -> list[str | bytes]:
-        """Citadel's signatures for the recorded calls, in order (chained ones one by one)."""
-        assert isinstance(self.client, AsyncCitadelClient)
+    async def fetch_missing(self, run: _Round) -> None:
+        """Citadel's signatures for the calls the last run of sign() missed, concurrently."""
         client = self.client
-        placeholders = [_text(p) for _, p in pending]
-        chained = any(
-            any(p.encode("latin-1") in call.message for p in placeholders[:i])
-            for i, (call, _) in enumerate(pending)
-        )
+        calls = list({_call_key(c): c for c in run.missing}.values())
+        run.missing = []
 
         async def one(call: _Call) -> str:
             args, kwargs = self._sign_args(call)
-            return await client.sign(*args, **kwargs)
+            signature: str = await client.sign(*args, **kwargs)
+            return signature
 
-        if not chained:
-            sigs = await asyncio.gather(*(one(call) for call, _ in pending))
-            return [_to_out(s, call) for s, (call, _) in zip(sigs, pending, strict=True)]
-        out: list[str | bytes] = []
-        for i, (call, _) in enumerate(pending):
-            message = call.message
-            for j in range(i):
-                message = message.replace(
-                    placeholders[j].encode("latin-1"), _text(out[j]).encode("latin-1")
-                )
-            got = _to_out(await one(_replace_message(call, message)), call)
-            out.append(got)
-        return out
-
-
-_UNRESOLVED: Final = "citadel-unresolved-"
-
-
-def _replace_message(call: _Call, message: bytes) -> _Call:
-    return _Call(
-        call.key, call.algorithm, message, call.key_encoding, call.signature_encoding, call.out
-    )
+        signatures = await asyncio.gather(*(one(call) for call in calls))
+        for call, signature in zip(calls, signatures, strict=True):
+            run.known[_call_key(call)] = _to_out(signature, call)
 
 
 def _placeholder(call: _Call) -> str | bytes:
@@ -458,65 +506,6 @@ def _placeholder(call: _Call) -> str | bytes:
 
 def _text(value: str | bytes) -> str:
     return value.decode("latin-1") if isinstance(value, bytes) else value
-
-
-def _forms(value: str | bytes) -> list[str]:
-    """The strings a signature can turn into on its way into a request (raw bytes get encoded)."""
-    if isinstance(value, bytes):
-        texts = [
-            base64.b64encode(value).decode(),
-            base64.urlsafe_b64encode(value).decode(),
-            base64.urlsafe_b64encode(value).rstrip(b"=").decode(),
-            value.hex(),
-        ]
-    else:
-        texts = [value]
-    out: list[str] = []
-    for text in texts:
-        for form in (
-            text,
-            urllib.parse.quote(text, safe="~()*!.'"),
-            urllib.parse.quote_plus(text),
-            urllib.parse.quote(text, safe=""),
-        ):
-            if form not in out:
-                out.append(form)
-    return out
-
-
-def _substitute(
-    url: str,
-    headers: Any,
-    body: Any,
-    pending: list[tuple[_Call, str | bytes]],
-    real: list[str | bytes],
-) -> tuple[str, Any, Any]:
-    """The request with each placeholder replaced by its signature, in every form it took."""
-    pairs: list[tuple[str, str]] = []
-    for (_, placeholder), signature in zip(pending, real, strict=True):
-        for fake, true in zip(_forms(placeholder), _forms(signature), strict=True):
-            pairs.append((fake, true))
-
-    def fill(value: Any) -> Any:
-        if isinstance(value, str):
-            for fake, true in pairs:
-                if fake in value:
-                    value = value.replace(fake, true)
-            return value
-        if isinstance(value, bytes):
-            return fill(value.decode("utf-8")).encode("utf-8")
-        if isinstance(value, dict):
-            return {k: fill(v) for k, v in value.items()}
-        return value
-
-    return fill(url), fill(headers), fill(body)
-
-
-def _placeholders_left(
-    url: str, headers: Any, body: Any, pending: list[tuple[_Call, str | bytes]]
-) -> bool:
-    text = url + repr(headers) + repr(body)
-    return any(form in text for _, p in pending for form in _forms(p))
 
 
 # -- the primitives, per instance ------------------------------------------------------------------
@@ -633,6 +622,17 @@ def _install(ex: Any, signer: _Signer) -> None:
             call = _Call(key, name, msg, key.key_encoding, "base64url", "base64url")
         return token + "." + _text(signer.signature(call))
 
+    def encoder(name: str) -> Callable[..., Any]:
+        original = orig[name]
+
+        def encode_(value: Any, *args: Any) -> Any:
+            signer.refuse_tainted("an encoded string (sent as it is)", value)
+            return original(value, *args)
+
+        return encode_
+
+    for name in _ENCODERS:
+        setattr(ex, name, encoder(name))
     for name, fn in (
         ("hmac", hmac_),
         ("rsa", rsa_),
@@ -644,35 +644,33 @@ def _install(ex: Any, signer: _Signer) -> None:
         setattr(ex, name, fn)
 
 
-def _refuse_secret_in_request(signer: _Signer, url: str, headers: Any, body: Any) -> None:
-    text = url + repr(headers) + repr(body)
-    for cred in signer.credentials.values():
-        if cred.stand_in in text or urllib.parse.quote(cred.stand_in) in text:
-            raise NotCovered(
-                f"{signer.ex.id} sends its {cred.name} itself, which Citadel never gives out."
-            )
-
-
 # -- building the objects --------------------------------------------------------------------------
 
 _CREDENTIALS: Final = ("secret", "privateKey")
-_PRIMITIVES: Final = ("hmac", "rsa", "eddsa", "ecdsa", "hash", "jwt")
+# The encodings ccxt puts credentials through to send them (HTTP Basic and such).
+_ENCODERS: Final = ("string_to_base64", "binary_to_base64", "urlencode_base64", "binary_to_base16")
+_PRIMITIVES: Final = ("hmac", "rsa", "eddsa", "ecdsa", "hash", "jwt", *_ENCODERS)
+_UNRESOLVED: Final = "citadel-unresolved-"
 
 
 def _split_config(
     config: Mapping[str, Any],
-) -> tuple[dict[str, Any], dict[str, str], Mapping[str, str] | None]:
+) -> tuple[dict[str, Any], dict[str, str], Mapping[str, str] | None, set[object]]:
     conf = dict(config)
     context = conf.pop("citadel_context", None)
     secrets = {
         name: conf[name] for name in _CREDENTIALS if isinstance(conf.get(name), str) and conf[name]
     }
+    plain: set[object] = set()
+    for name, value in conf.items():
+        if name not in _CREDENTIALS and isinstance(value, str) and value:
+            plain.update((value, value.encode("utf-8")))
     for name in secrets:
         conf[name] = _UNRESOLVED + name
-    return conf, secrets, context
+    return conf, secrets, context, plain
 
 
-def _resolve_class(module: Any, exchange_id: str | type) -> type:
+def _resolve_class(module: Any, exchange_id: str | type) -> Any:
     if isinstance(exchange_id, type):
         return exchange_id
     cls = getattr(module, exchange_id, None)
@@ -682,8 +680,55 @@ def _resolve_class(module: Any, exchange_id: str | type) -> type:
 
 
 def _check_context_support(client: object, context: object) -> None:
-    if context is not None and "context" not in inspect.signature(client.sign).parameters:  # type: ignore[attr-defined]
+    sign = getattr(client, "sign", None)
+    if context is not None and "context" not in inspect.signature(sign).parameters:  # type: ignore[arg-type]
         raise NotCovered("This citadel-client cannot send an encryption context (citadel_context).")
+
+
+def _refuse_secret_in_request(signer: _Signer, request: Mapping[str, Any]) -> None:
+    text = str(request.get("url", "")) + repr(request.get("headers")) + repr(request.get("body"))
+    for cred in signer.credentials.values():
+        if cred.stand_in in text or urllib.parse.quote(cred.stand_in, safe="") in text:
+            raise NotCovered(
+                f"{signer.ex.id} sends its {cred.name} itself, which Citadel never gives out."
+            )
+
+
+def _taped_methods(base: Any) -> dict[str, Any]:
+    """Subclass methods recording ccxt's clock and ids for an async request's second run."""
+
+    def make(name: str) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            produce = getattr(super(cls_holder[0], self), name)
+            signer = self.__dict__.get("_citadel")  # absent while ccxt's __init__ runs
+            if signer is None:
+                return produce(*args, **kwargs)
+            return signer.taped(name, lambda: produce(*args, **kwargs))
+
+        method.__name__ = name
+        return method
+
+    cls_holder: list[Any] = []
+    methods = {name: make(name) for name in _TAPED if hasattr(base, name)}
+    methods["_citadel_holder"] = cls_holder
+    return methods
+
+
+def _new(
+    base: Any, namespace: dict[str, Any], client: Any, asynchronous: bool, config: Mapping[str, Any]
+) -> Any:
+    conf, secrets, context, plain = _split_config(config)
+    _check_context_support(client, context)
+    originals = {name: getattr(base, name) for name in _PRIMITIVES}
+    namespace = {**namespace, "__module__": __name__}
+    cls = type(base.__name__, (base,), namespace)
+    holder = namespace.get("_citadel_holder")
+    if isinstance(holder, list):
+        holder.append(cls)
+    ex = cls(conf)
+    ex._citadel = _Signer(ex, client, asynchronous, secrets, context, originals, plain)
+    _install(ex, ex._citadel)
+    return ex
 
 
 def exchange(exchange_id: str | type, client: CitadelClient, config: Mapping[str, Any]) -> Any:
@@ -694,16 +739,13 @@ def exchange(exchange_id: str | type, client: CitadelClient, config: Mapping[str
     (whose caller needs the ``sign`` operation only); the secret's form is
     learned from Citadel at the first request.
     """
-    base: Any = _resolve_class(importlib.import_module("ccxt"), exchange_id)
-    conf, secrets, context = _split_config(config)
-    _check_context_support(client, context)
-    originals = {name: getattr(base, name) for name in _PRIMITIVES}
+    base = _resolve_class(importlib.import_module("ccxt"), exchange_id)
 
     def _prepare(self: Any) -> None:
         signer: _Signer = self._citadel
         for name, ciphertext in signer.secrets.items():
             if name not in signer.credentials:
-                signer.adopt(name, learn_form(client, ciphertext, context))
+                signer.adopt(name, learn_form(signer.client, ciphertext, signer.context))
 
     def fetch2(self: Any, *args: Any, **kwargs: Any) -> Any:
         _prepare(self)
@@ -712,16 +754,10 @@ def exchange(exchange_id: str | type, client: CitadelClient, config: Mapping[str
     def sign(self: Any, *args: Any, **kwargs: Any) -> Any:
         _prepare(self)
         request = base.sign(self, *args, **kwargs)
-        _refuse_secret_in_request(
-            self._citadel, request.get("url", ""), request.get("headers"), request.get("body")
-        )
+        _refuse_secret_in_request(self._citadel, request)
         return request
 
-    cls = type(base.__name__, (base,), {"fetch2": fetch2, "sign": sign, "__module__": __name__})
-    ex = cls(conf)
-    ex._citadel = _Signer(ex, client, secrets, context, originals)
-    _install(ex, ex._citadel)
-    return ex
+    return _new(base, {"fetch2": fetch2, "sign": sign}, client, False, config)
 
 
 def async_exchange(
@@ -730,19 +766,18 @@ def async_exchange(
     """An instance of ``ccxt.async_support.<exchange_id>`` whose secret is ``config``'s ciphertext.
 
     Never blocks its event loop on Citadel: the secret's form is learned at the
-    first request (awaited), ``sign()`` runs with placeholder signatures, and
-    ``fetch`` awaits Citadel's signatures and puts them in before ccxt sends.
+    first request (awaited); ``sign()`` runs with placeholder signatures to
+    learn the messages, and ``fetch`` awaits Citadel's signatures for them and
+    runs ``sign()`` again on the same recorded clock and ids, with the real
+    signatures, before ccxt's own ``fetch`` sends the request.
     """
-    base: Any = _resolve_class(importlib.import_module("ccxt.async_support"), exchange_id)
-    conf, secrets, context = _split_config(config)
-    _check_context_support(client, context)
-    originals = {name: getattr(base, name) for name in _PRIMITIVES}
+    base = _resolve_class(importlib.import_module("ccxt.async_support"), exchange_id)
 
     async def fetch2(self: Any, *args: Any, **kwargs: Any) -> Any:
         signer: _Signer = self._citadel
         for name, ciphertext in signer.secrets.items():
             if name not in signer.credentials:
-                form = await learn_form_async(client, ciphertext, context)
+                form = await learn_form_async(signer.client, ciphertext, signer.context)
                 if name not in signer.credentials:
                     signer.adopt(name, form)
         return await base.fetch2(self, *args, **kwargs)
@@ -751,58 +786,40 @@ def async_exchange(
         signer: _Signer = self._citadel
         if not signer.ready:
             raise NotCovered(f"{self.id}: sign() before the first request of the async adapter.")
-        signer.recording = []
+        run = _Round(args, kwargs)
+        signer.round = run
         try:
             request = base.sign(self, *args, **kwargs)
         finally:
-            pending, signer.recording = signer.recording, None
-        _refuse_secret_in_request(
-            signer, request.get("url", ""), request.get("headers"), request.get("body")
-        )
-        # fetch2 calls fetch right after sign, with no await between: this is that request's.
-        signer.last_pending = pending
+            signer.round = None
+        _refuse_secret_in_request(signer, request)
+        # fetch2 awaits fetch right after sign, with nothing awaited between: the
+        # fetch that follows is this request's.
+        signer.last_round = run if run.missing else None
         return request
 
     async def fetch(
         self: Any, url: str, method: str = "GET", headers: Any = None, body: Any = None
     ) -> Any:
         signer: _Signer = self._citadel
-        pending, signer.last_pending = signer.last_pending, None
-        if pending:
-            real = await signer.resolve(pending)
-            url, headers, body = _substitute(url, headers, body, pending, real)
-            if _placeholders_left(url, headers, body, pending) or not _all_used(
-                pending, real, url, headers, body
-            ):
-                raise NotCovered(
-                    f"{self.id} transforms its signature in a way the async adapter cannot follow."
-                )
+        run, signer.last_round = signer.last_round, None
+        if run is not None:
+            for _ in range(_MAX_ROUNDS):
+                await signer.fetch_missing(run)
+                run.replaying, run.position = True, 0
+                signer.round = run
+                try:
+                    request = base.sign(self, *run.args, **run.kwargs)
+                finally:
+                    signer.round = None
+                if not run.missing:
+                    break
+            else:
+                raise NotCovered(f"{self.id} chains more signatures than the adapter follows.")
+            _refuse_secret_in_request(signer, request)
+            url, method = request["url"], request["method"]
+            headers, body = request["headers"], request["body"]
         return await base.fetch(self, url, method, headers, body)
 
-    cls = type(
-        base.__name__,
-        (base,),
-        {"fetch2": fetch2, "sign": sign, "fetch": fetch, "__module__": __name__},
-    )
-    ex = cls(conf)
-    ex._citadel = _Signer(ex, client, secrets, context, originals)
-    _install(ex, ex._citadel)
-    return ex
-
-
-def _all_used(
-    pending: list[tuple[_Call, str | bytes]],
-    real: list[str | bytes],
-    url: str,
-    headers: Any,
-    body: Any,
-) -> bool:
-    """Every signature ended up in the request (else ccxt hid it in a form we did not replace)."""
-    text = url + repr(headers) + repr(body)
-    for (_, placeholder), signature in zip(pending, real, strict=True):
-        if not any(form in text for form in _forms(signature)):
-            # A chained signature went into a later signed message, not the request.
-            mark = _text(placeholder).encode("latin-1")
-            if not any(mark in call.message for call, _ in pending):
-                return False
-    return True
+    namespace = {"fetch2": fetch2, "sign": sign, "fetch": fetch, **_taped_methods(base)}
+    return _new(base, namespace, client, True, config)
