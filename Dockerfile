@@ -49,6 +49,6 @@ EXPOSE 8004
 # GET /health on 127.0.0.1, over HTTPS when CITADEL_TLS_CERT_FILE is set (with
 # the client certificate of CITADEL_CLIENT_CERT_FILE/_KEY_FILE under mutual TLS).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["python", "-m", "citadel.healthcheck", "8004"]
+    CMD ["python", "-m", "citadel.healthcheck", "8004", "/health"]
 STOPSIGNAL SIGTERM
 CMD ["citadel", "serve", "--host", "0.0.0.0", "--port", "8004"]

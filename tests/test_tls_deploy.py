@@ -101,9 +101,10 @@ def test_the_compose_tls_file_mounts_a_directory_and_names_the_files() -> None:
 def test_compose_healthchecks_speak_what_the_listener_speaks(name: str) -> None:
     doc = yaml.safe_load((ROOT / name).read_text())
     test = doc["services"]["citadel"]["healthcheck"]["test"]
-    assert test == ["CMD", "python", "-m", "citadel.healthcheck", "8004"]
+    assert test == ["CMD", "python", "-m", "citadel.healthcheck", "8004", "/health"]
     assert (
-        'CMD ["python", "-m", "citadel.healthcheck", "8004"]' in (ROOT / "Dockerfile").read_text()
+        'CMD ["python", "-m", "citadel.healthcheck", "8004", "/health"]'
+        in (ROOT / "Dockerfile").read_text()
     )
 
 
