@@ -23,7 +23,7 @@ from ccxt_oracle import SECRETS, Captured, capture_async, capture_class, capture
 from support import KEYS, Served, make_settings, serve_citadel
 
 from citadel_client import AsyncCitadelClient, CitadelClient, Forbidden
-from citadel_client.ccxt import NotCovered, async_exchange, exchange, learn_form
+from citadel_client.ccxt import NotCovered, async_exchange, exchange, learn_form, secret_form
 
 ACL = {"sentinel": ["encrypt"], "conductor": ["sign"], "api-gateway": ["encrypt"], "alchemist": []}
 CONFIG = {"apiKey": "test-api-key-0001", "enableRateLimit": False}
@@ -160,6 +160,27 @@ def test_the_form_says_which_keys_the_secret_parses_as(
         assert learn_form(conductor, ct[form]) == expected
 
 
+@pytest.mark.parametrize("form", sorted(SECRETS))
+def test_secret_form_at_onboarding_agrees_with_what_citadel_says(
+    served: Served, ct: dict[str, str], form: str
+) -> None:
+    with CitadelClient(served.url, api_key=KEYS["conductor"]) as conductor:
+        assert secret_form(SECRETS[form]) == learn_form(conductor, ct[form])
+
+
+def test_a_form_given_at_onboarding_spares_the_trial_calls(
+    served: Served, ct: dict[str, str]
+) -> None:
+    transport = CountingTransport()
+    with CitadelClient(served.url, api_key=KEYS["conductor"], transport=transport) as conductor:
+        ex = sync_ex("binance", conductor, secret=ct["ed25519-pem"], citadel_form="ed25519-pem")
+        freeze(ex)
+        request = ex.signed_request("account", ["private"], "GET", {})
+    assert transport.signs == 1
+    signature = request["url"].rpartition("&signature=")[2]
+    assert signature  # verified byte for byte by the oracle tests; here: one /sign, no probes
+
+
 def test_the_stand_in_holds_nothing_of_the_secret(served: Served, ct: dict[str, str]) -> None:
     with CitadelClient(served.url, api_key=KEYS["conductor"]) as conductor:
         ex = sync_ex("binance", conductor, secret=ct["rsa-pem"])
@@ -187,7 +208,7 @@ def test_a_secret_sent_as_it_is_is_not_covered(served: Served, ct: dict[str, str
     """Luno sends apiKey:secret in HTTP Basic: Citadel never gives the secret out."""
     with CitadelClient(served.url, api_key=KEYS["conductor"]) as conductor:
         ex = sync_ex("luno", conductor, secret=ct["text"])
-        with pytest.raises(NotCovered, match="Citadel never gives out"):
+        with pytest.raises(NotCovered, match="would encode"):
             capture_sync(ex, (["exchangePrivate"], "GET", "candles"))
 
 
@@ -289,14 +310,34 @@ def test_a_websocket_authenticate_is_not_covered_and_nothing_is_sent(
     asyncio.run(main())
 
 
-def test_an_encryption_context_needs_a_client_that_sends_it(
-    served: Served, ct: dict[str, str]
-) -> None:
+def _context_ciphertext(served: Served, context: dict[str, str]) -> str:
+    from citadel_client import InvalidRequest
+
+    with CitadelClient(served.url, api_key=KEYS["sentinel"]) as sentinel:
+        try:
+            return sentinel.encrypt(SECRETS["text"], context=context)
+        except InvalidRequest:
+            pytest.skip("this server does not take encryption contexts yet")
+
+
+def test_citadel_context_is_sent_with_every_sign(served: Served) -> None:
+    context = {"user_id": "8413", "exchange": "binance"}
+    secret_ct = _context_ciphertext(served, context)
     with CitadelClient(served.url, api_key=KEYS["conductor"]) as conductor:
-        if "context" in CitadelClient.sign.__code__.co_varnames:
-            pytest.skip("this citadel-client sends contexts: the context path is tested live")
-        with pytest.raises(NotCovered, match="context"):
-            sync_ex("binance", conductor, secret=ct["text"], citadel_context={"user_id": "8413"})
+        ex = sync_ex("binance", conductor, secret=secret_ct, citadel_context=context)
+        url = capture_sync(ex, BINANCE_GET)[0]
+    query, _, signature = url.partition("?")[2].rpartition("&signature=")
+    assert signature == hmac.new(SECRETS["text"].encode(), query.encode(), "sha256").hexdigest()
+
+
+def test_a_wrong_citadel_context_fails_before_anything_is_sent(served: Served) -> None:
+    from citadel_client import InvalidCiphertext
+
+    secret_ct = _context_ciphertext(served, {"user_id": "8413"})
+    with CitadelClient(served.url, api_key=KEYS["conductor"]) as conductor:
+        ex = sync_ex("binance", conductor, secret=secret_ct, citadel_context={"user_id": "9999"})
+        with pytest.raises(InvalidCiphertext):
+            capture_sync(ex, BINANCE_GET)
 
 
 # -- the async form: the loop, ccxt's throttle and retries ----------------------------------------

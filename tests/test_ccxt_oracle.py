@@ -102,3 +102,66 @@ def test_async_requests_are_byte_for_byte_plain_ccxts(
                 await adapted.close()
 
     asyncio.run(main())
+
+
+# -- the evervault provider: the same requests from ev: ciphertexts -----------------------------
+
+EV_CASES = [
+    c for c in CASES if c.name in {"binance-hmac", "binance-ed25519", "kraken", "coinbase-es256"}
+]
+
+
+@pytest.fixture(scope="module")
+def ev_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    from support import wait_until
+
+    from evervault_emulator import EvervaultEmulator
+
+    with EvervaultEmulator() as emu:
+        settings = make_settings(
+            tmp_path_factory.mktemp("ccxt-ev"),
+            provider="evervault",
+            evervault_app_id=emu.app_id,
+            evervault_api_key=emu.api_key,
+            evervault_api_url=emu.url,
+            acl=ACL,
+            rate_limit_per_caller="1000000/minute",
+            rate_limit_per_user="1000000/minute",
+        )
+        with serve_citadel(settings) as s, s.client() as c:
+            wait_until(lambda: c.get("/ready").status_code == 200)
+            yield s
+
+
+@pytest.mark.parametrize("case", EV_CASES, ids=[c.name for c in EV_CASES])
+def test_evervault_ciphertexts_give_plain_ccxts_requests_sync_and_async(
+    case: Case, ev_served: Served
+) -> None:
+    with CitadelClient(ev_served.url, api_key=KEYS["sentinel"]) as sentinel:
+        secret_ct = sentinel.encrypt(SECRETS[case.secret])
+    assert secret_ct.startswith("ev:")
+    cls = capture_class(getattr(ccxt, case.exchange_id), asynchronous=False)
+    plain = cls(case.config(SECRETS[case.secret]))
+    with CitadelClient(ev_served.url, api_key=KEYS["conductor"]) as conductor:
+        adapted = exchange(cls, conductor, case.config(secret_ct))
+        for endpoint in endpoints_of(case, plain):
+            freeze(plain)
+            freeze(adapted)
+            assert capture_sync(adapted, endpoint) == capture_sync(plain, endpoint)
+
+    async def main() -> None:
+        acls = capture_class(getattr(ccxt_async, case.exchange_id), asynchronous=True)
+        aplain = acls(case.config(SECRETS[case.secret]))
+        async with AsyncCitadelClient(ev_served.url, api_key=KEYS["conductor"]) as client:
+            aadapted = async_exchange(acls, client, case.config(secret_ct))
+            try:
+                for endpoint in endpoints_of(case, aplain):
+                    freeze(aplain)
+                    freeze(aadapted)
+                    want = await capture_async(aplain, endpoint)
+                    assert await capture_async(aadapted, endpoint) == want
+            finally:
+                await aplain.close()
+                await aadapted.close()
+
+    asyncio.run(main())

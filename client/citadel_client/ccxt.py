@@ -42,6 +42,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import threading
 import urllib.parse
 import weakref
@@ -52,7 +53,7 @@ from typing import Any, Final
 from citadel_client.client import AsyncCitadelClient, CitadelClient
 from citadel_client.errors import CitadelError, InvalidKey
 
-__all__ = ["NotCovered", "async_exchange", "exchange", "learn_form"]
+__all__ = ["FORMS", "NotCovered", "async_exchange", "exchange", "learn_form", "secret_form"]
 
 
 class NotCovered(CitadelError):
@@ -171,6 +172,68 @@ async def learn_form_async(
     form = _form_of({f: ok for (f, _, _), ok in zip(_PROBES, results, strict=True)})
     _FORM_CACHE.setdefault(client, {})[key] = form
     return form
+
+
+_HEX_PAIRS: Final = re.compile(r"(?:[0-9A-Fa-f]{2})+")
+
+
+def _canonical_b64(text: str) -> bytes | None:
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, ValueError):
+        return None
+    return raw if raw and base64.b64encode(raw) == text.encode("ascii") else None
+
+
+def _ed25519_raw_ok(raw: bytes) -> bool:
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    if len(raw) == 32:
+        return True
+    if len(raw) != 64:
+        return False
+    public = Ed25519PrivateKey.from_private_bytes(raw[:32]).public_key()
+    return public.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw) == raw[32:]
+
+
+def secret_form(secret: str) -> str:
+    """The form of a plaintext secret, as :func:`learn_form` would learn it from Citadel.
+
+    For Sentinel at onboarding, which holds the plaintext then: stored beside
+    the ciphertext and passed as ``citadel_form``, it spares Conductor the
+    trial ``/sign`` calls (and their ``invalid_key`` audit lines). Needs
+    cryptography, which the ``ccxt`` extra brings.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if "-----BEGIN" in secret:
+        try:
+            key = load_pem_private_key(
+                secret.encode("utf-8", "replace"), None, unsafe_skip_rsa_key_validation=True
+            )
+        except (TypeError, ValueError, Exception):
+            return "text"
+        if isinstance(key, rsa.RSAPrivateKey) and key.key_size in (2048, 3072, 4096):
+            return "rsa-pem"
+        if isinstance(key, Ed25519PrivateKey):
+            return "ed25519-pem"
+        if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+            return "ec-pem"
+        return "text"
+    raw64 = _canonical_b64(secret)
+    is_hex = _HEX_PAIRS.fullmatch(secret) is not None
+    if raw64 is not None and _ed25519_raw_ok(raw64):
+        return "ed25519-base64"
+    if is_hex and _ed25519_raw_ok(bytes.fromhex(secret)):
+        return "ed25519-hex"
+    if is_hex:
+        return "hex"
+    if raw64 is not None:
+        return "base64"
+    return "text"
 
 
 def _stand_in(form: str) -> str:
@@ -417,10 +480,11 @@ class _Signer:
         )
 
     def refuse_tainted(self, what: str, value: object) -> None:
+        """NotCovered when ``value`` holds a credential's stand-in: ccxt would {what} it."""
         for cred in self.credentials.values():
             if cred.touches(value):
                 raise NotCovered(
-                    f"{self.ex.id} puts its {cred.name} into {what}, which Citadel never gives out."
+                    f"{self.ex.id} would {what} its {cred.name}, which /sign cannot do."
                 )
 
     # -- the clock and random ids of an async request --
@@ -520,7 +584,7 @@ def _install(ex: Any, signer: _Signer) -> None:
     ) -> Any:
         key = signer.key_for(secret)
         if key is None:
-            signer.refuse_tainted("an HMAC message", request)
+            signer.refuse_tainted("sign a message holding", request)
             return orig["hmac"](request, secret, algorithm, digest)
         name = _HMAC_ALGORITHMS.get(algorithm)
         if name is None:
@@ -577,7 +641,7 @@ def _install(ex: Any, signer: _Signer) -> None:
         )
 
     def hash_(request: Any, algorithm: str = "md5", digest: str = "hex") -> Any:
-        signer.refuse_tainted("a hash", request)
+        signer.refuse_tainted("hash a value holding", request)
         return orig["hash"](request, algorithm, digest)
 
     def jwt_(
@@ -626,7 +690,7 @@ def _install(ex: Any, signer: _Signer) -> None:
         original = orig[name]
 
         def encode_(value: Any, *args: Any) -> Any:
-            signer.refuse_tainted("an encoded string (sent as it is)", value)
+            signer.refuse_tainted("encode (to send) a value holding", value)
             return original(value, *args)
 
         return encode_
@@ -655,9 +719,14 @@ _UNRESOLVED: Final = "citadel-unresolved-"
 
 def _split_config(
     config: Mapping[str, Any],
-) -> tuple[dict[str, Any], dict[str, str], Mapping[str, str] | None, set[object]]:
+) -> tuple[dict[str, Any], dict[str, str], Mapping[str, str] | None, set[object], dict[str, str]]:
     conf = dict(config)
     context = conf.pop("citadel_context", None)
+    given = conf.pop("citadel_form", None)
+    forms: dict[str, str] = {"secret": given} if isinstance(given, str) else dict(given or {})
+    for name, form in forms.items():
+        if name not in _CREDENTIALS or form not in FORMS:
+            raise ValueError(f"citadel_form: {name!r} must be one of {', '.join(FORMS)}")
     secrets = {
         name: conf[name] for name in _CREDENTIALS if isinstance(conf.get(name), str) and conf[name]
     }
@@ -667,7 +736,7 @@ def _split_config(
             plain.update((value, value.encode("utf-8")))
     for name in secrets:
         conf[name] = _UNRESOLVED + name
-    return conf, secrets, context, plain
+    return conf, secrets, context, plain, forms
 
 
 def _resolve_class(module: Any, exchange_id: str | type) -> Any:
@@ -717,7 +786,7 @@ def _taped_methods(base: Any) -> dict[str, Any]:
 def _new(
     base: Any, namespace: dict[str, Any], client: Any, asynchronous: bool, config: Mapping[str, Any]
 ) -> Any:
-    conf, secrets, context, plain = _split_config(config)
+    conf, secrets, context, plain, forms = _split_config(config)
     _check_context_support(client, context)
     originals = {name: getattr(base, name) for name in _PRIMITIVES}
     namespace = {**namespace, "__module__": __name__}
@@ -727,6 +796,9 @@ def _new(
         holder.append(cls)
     ex = cls(conf)
     ex._citadel = _Signer(ex, client, asynchronous, secrets, context, originals, plain)
+    for name, form in forms.items():
+        if name in secrets:
+            ex._citadel.adopt(name, form)  # recorded at onboarding: no trial /sign calls
     _install(ex, ex._citadel)
     return ex
 
@@ -757,7 +829,14 @@ def exchange(exchange_id: str | type, client: CitadelClient, config: Mapping[str
         _refuse_secret_in_request(self._citadel, request)
         return request
 
-    return _new(base, {"fetch2": fetch2, "sign": sign}, client, False, config)
+    def signed_request(
+        self: Any, path: str, api: Any = "public", method: str = "GET", params: Any = None
+    ) -> Any:
+        """The request ccxt would send (url, method, headers, body), signed, without sending it."""
+        return self.sign(path, api, method, params or {})
+
+    namespace = {"fetch2": fetch2, "sign": sign, "signed_request": signed_request}
+    return _new(base, namespace, client, False, config)
 
 
 def async_exchange(
@@ -774,12 +853,7 @@ def async_exchange(
     base = _resolve_class(importlib.import_module("ccxt.async_support"), exchange_id)
 
     async def fetch2(self: Any, *args: Any, **kwargs: Any) -> Any:
-        signer: _Signer = self._citadel
-        for name, ciphertext in signer.secrets.items():
-            if name not in signer.credentials:
-                form = await learn_form_async(signer.client, ciphertext, signer.context)
-                if name not in signer.credentials:
-                    signer.adopt(name, form)
+        await _learn(self)
         return await base.fetch2(self, *args, **kwargs)
 
     def sign(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -798,28 +872,56 @@ def async_exchange(
         signer.last_round = run if run.missing else None
         return request
 
+    async def _learn(self: Any) -> None:
+        signer: _Signer = self._citadel
+        for name, ciphertext in signer.secrets.items():
+            if name not in signer.credentials:
+                form = await learn_form_async(signer.client, ciphertext, signer.context)
+                if name not in signer.credentials:
+                    signer.adopt(name, form)
+
+    async def _complete(self: Any, run: _Round) -> Any:
+        """The request of ``run``, its signatures Citadel's (sign() run again, replayed)."""
+        signer: _Signer = self._citadel
+        for _ in range(_MAX_ROUNDS):
+            await signer.fetch_missing(run)
+            run.replaying, run.position = True, 0
+            signer.round = run
+            try:
+                request = base.sign(self, *run.args, **run.kwargs)
+            finally:
+                signer.round = None
+            if not run.missing:
+                _refuse_secret_in_request(signer, request)
+                return request
+        raise NotCovered(f"{self.id} chains more signatures than the adapter follows.")
+
     async def fetch(
         self: Any, url: str, method: str = "GET", headers: Any = None, body: Any = None
     ) -> Any:
         signer: _Signer = self._citadel
         run, signer.last_round = signer.last_round, None
         if run is not None:
-            for _ in range(_MAX_ROUNDS):
-                await signer.fetch_missing(run)
-                run.replaying, run.position = True, 0
-                signer.round = run
-                try:
-                    request = base.sign(self, *run.args, **run.kwargs)
-                finally:
-                    signer.round = None
-                if not run.missing:
-                    break
-            else:
-                raise NotCovered(f"{self.id} chains more signatures than the adapter follows.")
-            _refuse_secret_in_request(signer, request)
+            request = await _complete(self, run)
             url, method = request["url"], request["method"]
             headers, body = request["headers"], request["body"]
         return await base.fetch(self, url, method, headers, body)
 
-    namespace = {"fetch2": fetch2, "sign": sign, "fetch": fetch, **_taped_methods(base)}
+    async def signed_request(
+        self: Any, path: str, api: Any = "public", method: str = "GET", params: Any = None
+    ) -> Any:
+        """The request ccxt would send (url, method, headers, body), signed, without sending it."""
+        await _learn(self)
+        signer: _Signer = self._citadel
+        request = self.sign(path, api, method, params or {})
+        run, signer.last_round = signer.last_round, None
+        return request if run is None else await _complete(self, run)
+
+    namespace = {
+        "fetch2": fetch2,
+        "sign": sign,
+        "fetch": fetch,
+        "signed_request": signed_request,
+        **_taped_methods(base),
+    }
     return _new(base, namespace, client, True, config)
