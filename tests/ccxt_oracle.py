@@ -61,7 +61,13 @@ CASES = [
     Case("binance-rsa", "binance", "rsa-pem"),
     Case("bybit-hmac", "bybit", "text"),
     Case("bybit-rsa", "bybit", "rsa-pem"),
-    Case("okx", "okx", "text", (("password", "okx-passphrase"),)),
+    Case(
+        "okx",
+        "okx",
+        "text",
+        (("password", "okx-passphrase"),),
+        ((["private"], "POST", "trade/order"),),  # sign() adds a clOrdId to the params
+    ),
     Case("kraken", "kraken", "base64"),
     Case(
         "coinbase-es256",

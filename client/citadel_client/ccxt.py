@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import importlib
 import inspect
@@ -404,8 +405,10 @@ class _Round:
     """One async request's runs of sign(): the tape, the signatures known, the ones missing."""
 
     def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.args = args
-        self.kwargs = kwargs
+        # Copies: ccxt's sign() may add to the params it is given (OKX adds clOrdId),
+        # and the second run must start from what the first one saw.
+        self.args = copy.deepcopy(args)
+        self.kwargs = copy.deepcopy(kwargs)
         self.tape: list[tuple[str, Any]] = []
         self.replaying = False
         self.position = 0
