@@ -415,6 +415,7 @@ class _Round:
         self.depth = 0
         self.known: dict[tuple[str, str, bytes, str, str], str | bytes] = {}
         self.missing: list[_Call] = []
+        self.first: tuple[str, str] = ("", "")  # the first run's URL and method
 
 
 class _Signer:
@@ -871,7 +872,8 @@ def async_exchange(
             signer.round = None
         _refuse_secret_in_request(signer, request)
         # fetch2 awaits fetch right after sign, with nothing awaited between: the
-        # fetch that follows is this request's.
+        # fetch that follows is this request's (checked there by URL and method).
+        run.first = (request.get("url", ""), request.get("method", ""))
         signer.last_round = run if run.missing else None
         return request
 
@@ -905,6 +907,8 @@ def async_exchange(
         signer: _Signer = self._citadel
         run, signer.last_round = signer.last_round, None
         if run is not None:
+            if (url, method) != run.first:
+                raise NotCovered(f"{self.id} sends a request other than the one it signed last.")
             request = await _complete(self, run)
             url, method = request["url"], request["method"]
             headers, body = request["headers"], request["body"]
