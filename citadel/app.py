@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from citadel.audit import AuditLog
 from citadel.config import ProviderName, SettingError, Settings
 from citadel.http.addresses import ClientAddresses
-from citadel.http.body import BodyDeadlines
+from citadel.http.body import BodyDeadlines, BodyLimits
 from citadel.http.errors import install_error_handlers
 from citadel.http.openapi import openapi_document
 from citadel.http.operations import Operations
@@ -38,10 +38,24 @@ BODY_LIMIT_SLACK = 1024
 
 
 def body_limits(settings: Settings) -> dict[str, int]:
-    """Per operation, the largest body that can hold a valid request (checked before parsing)."""
+    """Per operation, the largest body that can hold a valid single request."""
     secret = settings.max_plaintext_bytes * BODY_LIMIT_FACTOR + BODY_LIMIT_SLACK
     message = settings.max_sign_message_bytes * BODY_LIMIT_FACTOR
     return {"encrypt": secret, "decrypt": secret, "rewrap": secret, "sign": secret + message}
+
+
+def batch_body_limits(settings: Settings) -> dict[str, BodyLimits]:
+    """Per operation, the single limit and a batch's: one item's each, never past the cap.
+
+    ``CITADEL_MAX_BATCH_BYTES`` bounds the memory a few hundred concurrent
+    batches can take; both limits are checked before a body is parsed.
+    """
+    return {
+        operation: BodyLimits(
+            single, min(single * settings.max_batch_items, max(single, settings.max_batch_bytes))
+        )
+        for operation, single in body_limits(settings).items()
+    }
 
 
 def build_provider(name: ProviderName, settings: Settings, metrics: Metrics) -> Provider:
@@ -128,12 +142,14 @@ def create_app(
     vault = Vault(encryptor, decryptors, settings.max_plaintext_bytes)
     app.add_middleware(
         Pipeline,
-        operations=Operations(vault, settings.max_sign_message_bytes),
+        operations=Operations(
+            vault, settings.max_sign_message_bytes, settings.max_batch_items
+        ),
         authenticator=authenticator,
         audit=audit,
         metrics=metrics,
         pseudonymize=pseudonymize,
-        body_limits=body_limits(settings),
+        body_limits=batch_body_limits(settings),
         deadlines=deadlines,
         limiter=limiter,
         addresses=ClientAddresses(settings.trusted_proxies),

@@ -9,6 +9,10 @@ operational logs, and never touches the stdlib ``logging`` machinery.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from select import PIPE_BUF
+from typing import Any
+
 import orjson
 
 from citadel.logs import utc_timestamp
@@ -37,8 +41,7 @@ class AuditLog:
         code: str,
         duration_ms: float,
         request_id: str,
-        ct_fp: str | None,
-        extra: dict[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Write one event; raise ``AuditUnavailable`` if it cannot be written whole in time."""
         event = {
@@ -51,11 +54,48 @@ class AuditLog:
             "code": code,
             "duration_ms": duration_ms,
             "request_id": request_id,
-            "ct_fp": ct_fp,
+            "ct_fp": None,
         }
         if extra:
             event.update(extra)
         await self.sink.write(orjson.dumps(event) + b"\n")
+
+    async def write_batch(
+        self, common: Mapping[str, Any], items: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> None:
+        """One event per item of a batch (its code and fields), with ``batch_index`` and size.
+
+        Lines go out in writes of whole lines of at most ``PIPE_BUF`` bytes, each
+        atomic on a pipe, so the lines of several workers never interleave.
+        """
+        timestamp = utc_timestamp()
+        size = len(items)
+        chunk: list[bytes] = []
+        length = 0
+        for index, (code, fields) in enumerate(items):
+            event = {
+                "timestamp": timestamp,
+                "event": "audit",
+                "operation": common["operation"],
+                "requestor": common["requestor"],
+                "user_id": common["user_id"],
+                "success": code == "ok",
+                "code": code,
+                "duration_ms": common["duration_ms"],
+                "request_id": common["request_id"],
+                "ct_fp": None,
+                **fields,
+                "batch_index": index,
+                "batch_size": size,
+            }
+            line = orjson.dumps(event) + b"\n"
+            if chunk and length + len(line) > PIPE_BUF:
+                await self.sink.write(b"".join(chunk))
+                chunk, length = [], 0
+            chunk.append(line)
+            length += len(line)
+        if chunk:
+            await self.sink.write(b"".join(chunk))
 
     def healthy(self) -> bool:
         """Whether audit lines can be written now: ``/ready`` fails when they cannot."""

@@ -24,6 +24,12 @@ class Metrics:
             ["operation", "caller", "code"],
             registry=self.registry,
         )
+        self.batch_items = Counter(
+            "citadel_batch_items",
+            "Items of batch requests by outcome (a batch counts once in citadel_requests_total).",
+            ["operation", "code"],
+            registry=self.registry,
+        )
         self.duration = Histogram(
             "citadel_request_duration_seconds",
             "Time from request start to response start.",

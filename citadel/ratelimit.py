@@ -60,24 +60,26 @@ class LocalWindows:
         self._windows: dict[tuple[str, str], list[float]] = {}
         self._hits_since_sweep = 0
 
-    def hit(self, limit: RateLimitItem, scope: str, ident: str) -> bool:
-        """Take one unit of ``key``'s budget; False when it is spent."""
+    def hit(self, limit: RateLimitItem, scope: str, ident: str, cost: int = 1) -> bool:
+        """Take ``cost`` units of ``key``'s budget if they fit; False (and nothing taken) if not."""
         now = time.monotonic()
         window = self._windows.get((scope, ident))
         if window is None or window[1] <= now:
             self._sweep(now)
-            self._windows[(scope, ident)] = [1, now + limit.get_expiry()]
-            return limit.amount >= 1
-        if window[0] >= limit.amount:
+            if cost > limit.amount:
+                return False
+            self._windows[(scope, ident)] = [cost, now + limit.get_expiry()]
+            return True
+        if window[0] + cost > limit.amount:
             return False
-        window[0] += 1
+        window[0] += cost
         return True
 
-    def refund(self, limit: RateLimitItem, scope: str, ident: str) -> None:
-        """Give back one hit of a window that is still open."""
+    def refund(self, limit: RateLimitItem, scope: str, ident: str, cost: int = 1) -> None:
+        """Give back ``cost`` units of a window that is still open."""
         window = self._windows.get((scope, ident))
-        if window is not None and window[1] > time.monotonic() and window[0] > 0:
-            window[0] -= 1
+        if window is not None and window[1] > time.monotonic():
+            window[0] = max(0, window[0] - cost)
 
     def test(self, limit: RateLimitItem, scope: str, ident: str) -> bool:
         """Whether ``key`` has budget left, without taking any."""
@@ -172,40 +174,62 @@ class RateLimiter:
         if not await self._hit(limit, "auth", address):
             await self._reject(limit, "auth", address)
 
-    async def hit_caller(self, caller: str, user: str | None) -> None:
-        """Spend one unit of the caller's budget and, with a user id, of the user's.
+    async def hit_caller(
+        self, caller: str, user: str | None, *, cost: int = 1, already: int = 0
+    ) -> None:
+        """Spend ``cost`` units of the caller's budget and, with a user id, of the user's.
 
         A request refused by one limit is not charged to the other: one user's
         refused retries must not use up the caller's budget for every other
-        user. The caller's unit is given back when the user's limit refuses:
+        user. The caller's units are given back when the user's limit refuses:
         an extra round trip on refusals only, where checking both first would
-        cost one on every request.
+        cost one on every request. ``already`` is what this request was charged
+        before (a batch's first unit): a refused batch gets that back too, so
+        it costs nothing.
         """
         limit = self._caller_limits.get(caller, self._limits["caller"])
-        if not await self._hit(limit, "caller", caller):
+        if not await self._hit(limit, "caller", caller, cost):
+            if already:
+                await self._give_back(limit, "caller", caller, already)
+                if user is not None:
+                    await self._give_back(self._limits["user"], "user", user, already)
             await self._reject(limit, "caller", caller)
         if user is not None:
             user_limit = self._limits["user"]
-            if not await self._hit(user_limit, "user", user):
-                await self._hit(limit, "caller", caller, refund=True)
+            if not await self._hit(user_limit, "user", user, cost):
+                await self._give_back(limit, "caller", caller, cost + already)
+                if already:
+                    await self._give_back(user_limit, "user", user, already)
                 await self._reject(user_limit, "user", user)
 
-    async def _hit(
-        self, limit: RateLimitItem, scope: str, ident: str, *, refund: bool = False
-    ) -> bool:
+    async def _hit(self, limit: RateLimitItem, scope: str, ident: str, cost: int = 1) -> bool:
+        """Take ``cost`` units if they fit; a refused hit takes nothing, in either storage."""
         if self._shared is not None and not self.degraded:
             try:
-                return await asyncio.wait_for(
-                    self._shared.hit(limit, scope, ident, cost=-1 if refund else 1),
-                    self._timeout,
+                ok = await asyncio.wait_for(
+                    self._shared.hit(limit, scope, ident, cost=cost), self._timeout
                 )
+                if not ok and cost > 1:
+                    # The shared counter took the refused units: give them back.
+                    await asyncio.wait_for(
+                        self._shared.hit(limit, scope, ident, cost=-cost), self._timeout
+                    )
+                return bool(ok)
             except Exception:
                 # Any trouble with the shared storage means: fall back, never fail.
                 self._degrade()
-        if refund:
-            self._memory.refund(limit, scope, ident)
-            return True
-        return self._memory.hit(limit, scope, ident)
+        return self._memory.hit(limit, scope, ident, cost)
+
+    async def _give_back(self, limit: RateLimitItem, scope: str, ident: str, cost: int) -> None:
+        if self._shared is not None and not self.degraded:
+            try:
+                await asyncio.wait_for(
+                    self._shared.hit(limit, scope, ident, cost=-cost), self._timeout
+                )
+                return
+            except Exception:
+                self._degrade()
+        self._memory.refund(limit, scope, ident, cost)
 
     async def _reject(self, limit: RateLimitItem, scope: str, ident: str) -> None:
         self._rejected[scope].inc()

@@ -13,9 +13,12 @@ import hmac
 import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from citadel import signing
+from citadel.context import RESERVED_PREFIX, Context, canonical
 from citadel.errors import (
+    CitadelError,
     InvalidCiphertext,
     InvalidKey,
     InvalidRequest,
@@ -32,6 +35,18 @@ _SLOW_ALGORITHMS = frozenset({"rsa-pkcs1v15-sha256"})
 
 # Every provider's ciphertext prefix, enabled here or not (the contract's "Ciphertexts").
 _ALL_PREFIXES = (("ev:", "evervault"), ("cit1:", "local"))
+
+
+@dataclass(frozen=True, slots=True)
+class SignJob:
+    """One signature to make: the ciphertext of the secret (and its context), and what to sign."""
+
+    ciphertext: str
+    algorithm: str
+    message: bytes
+    key_encoding: str
+    signature_encoding: str
+    context: Context | None = None
 
 
 class KeyVerdicts:
@@ -52,10 +67,17 @@ class KeyVerdicts:
         self._seen: OrderedDict[bytes, str | None] = OrderedDict()
         self._capacity = capacity
 
-    def fingerprint(self, ciphertext: str, algorithm: str, key_encoding: str) -> bytes:
-        """The key under which a (ciphertext, algorithm, key encoding) verdict is remembered."""
-        data = f"{algorithm}\0{key_encoding}\0{ciphertext}".encode("utf-8", "surrogatepass")
-        return hmac.digest(self._salt, data, "sha256")
+    def fingerprint(self, job: SignJob) -> bytes:
+        """The key under which a verdict is remembered: ciphertext, context, algorithm, encoding.
+
+        The context is part of it, so a request with the wrong context never
+        learns a verdict reached with the right one.
+        """
+        bound = canonical(job.context) if job.context else b""
+        data = f"{job.algorithm}\0{job.key_encoding}\0{job.ciphertext}".encode(
+            "utf-8", "surrogatepass"
+        )
+        return hmac.digest(self._salt, data + b"\0" + bound, "sha256")
 
     def known(self, fingerprint: bytes) -> tuple[bool, str | None]:
         """Whether there is a verdict, and the refusal's detail if it was one."""
@@ -111,8 +133,8 @@ class Vault:
                 )
         raise InvalidCiphertext()
 
-    async def encrypt(self, plaintext: str) -> str:
-        """The ciphertext of ``plaintext`` by the encrypting provider, after the size limit."""
+    def check_plaintext(self, plaintext: str) -> None:
+        """The plaintext's own limits, before anything is done (a batch checks every item first)."""
         try:
             size = len(plaintext.encode())
         except UnicodeEncodeError:
@@ -120,44 +142,109 @@ class Vault:
             raise InvalidRequest("The plaintext is not valid Unicode text.") from None
         if size > self._max:
             raise PayloadTooLarge(f"The plaintext is over {self._max} UTF-8 bytes.")
-        return await self.provider.encrypt(plaintext)
+        if plaintext.startswith(RESERVED_PREFIX):
+            raise InvalidRequest("The plaintext begins with a sequence Citadel reserves.")
 
-    async def decrypt(self, ciphertext: str) -> str:
+    async def encrypt(self, plaintext: str, context: Context | None = None) -> str:
+        """The ciphertext of ``plaintext`` by the encrypting provider, bound to ``context``."""
+        self.check_plaintext(plaintext)
+        return await self.provider.encrypt(plaintext, context)
+
+    async def decrypt(self, ciphertext: str, context: Context | None = None) -> str:
         """The plaintext inside ``ciphertext``, from the provider its prefix names."""
-        return await self.owner(ciphertext).decrypt(ciphertext)
+        return await self.owner(ciphertext).decrypt(ciphertext, context)
 
-    async def rewrap(self, ciphertext: str) -> str:
-        """The same plaintext, encrypted again by the encrypting provider under its active key."""
-        plaintext = await self.owner(ciphertext).decrypt(ciphertext)
-        return await self.provider.encrypt(plaintext)
+    async def decrypt_many(
+        self, items: Sequence[tuple[str, Context | None]]
+    ) -> list[str | CitadelError]:
+        """Each item's plaintext or its own error; one provider call per provider involved."""
+        results: list[str | CitadelError] = [InvalidCiphertext()] * len(items)
+        groups: dict[int, tuple[Provider, list[int]]] = {}
+        for index, (ciphertext, _context) in enumerate(items):
+            try:
+                provider = self.owner(ciphertext)
+            except InvalidCiphertext as err:
+                results[index] = err
+                continue
+            groups.setdefault(id(provider), (provider, []))[1].append(index)
+        for provider, indices in groups.values():
+            found = await provider.decrypt_many([items[i] for i in indices])
+            for index, result in zip(indices, found, strict=True):
+                results[index] = result
+        return results
 
-    async def sign(
-        self,
-        ciphertext: str,
-        *,
-        algorithm: str,
-        message: bytes,
-        key_encoding: str,
-        signature_encoding: str,
+    async def rewrap(
+        self, ciphertext: str, context: Context | None = None, target: Context | None = None
     ) -> str:
-        """Sign ``message`` with the secret inside ``ciphertext``; only the signature leaves.
+        """The same plaintext, encrypted again by the encrypting provider under its active key.
+
+        ``context`` is the one ``ciphertext`` was made with; ``target`` the one
+        the new ciphertext is bound to (the caller passes ``context`` to keep it).
+        """
+        plaintext = await self.owner(ciphertext).decrypt(ciphertext, context)
+        return await self.provider.encrypt(plaintext, target)
+
+    async def rewrap_many(
+        self, items: Sequence[tuple[str, Context | None, Context | None]]
+    ) -> list[str | CitadelError]:
+        """:meth:`rewrap` for a batch: one decrypting call per provider, then local encryption."""
+        plains = await self.decrypt_many([(ct, context) for ct, context, _target in items])
+        results: list[str | CitadelError] = []
+        for (_ct, _context, target), plain in zip(items, plains, strict=True):
+            if isinstance(plain, CitadelError):
+                results.append(plain)
+            else:
+                results.append(await self.provider.encrypt(plain, target))
+        return results
+
+    async def sign(self, job: SignJob) -> str:
+        """Sign ``job.message`` with the secret inside its ciphertext; only the signature leaves.
 
         Nothing here holds the event loop for long, whatever the secret: a key
         refused before is refused again at once, keys are parsed without the RSA
         check, and that check runs in :class:`~citadel.keycheck.RsaKeyChecker`'s process.
         """
-        verdicts = self.key_verdicts
-        fingerprint = verdicts.fingerprint(ciphertext, algorithm, key_encoding)
-        known, refused = verdicts.known(fingerprint)
+        fingerprint = self.key_verdicts.fingerprint(job)
+        known, refused = self.key_verdicts.known(fingerprint)
         if refused is not None:
             raise InvalidKey(refused)
-        secret = await self.owner(ciphertext).decrypt(ciphertext)
+        secret = await self.owner(job.ciphertext).decrypt(job.ciphertext, job.context)
+        return await self._sign_with(job, secret, fingerprint, known)
+
+    async def sign_many(self, jobs: Sequence[SignJob]) -> list[str | CitadelError]:
+        """:meth:`sign` for a batch: keys refused before are refused without a decrypt."""
+        results: list[str | CitadelError] = [InvalidKey()] * len(jobs)
+        verdicts = []
+        pending = []
+        for index, job in enumerate(jobs):
+            fingerprint = self.key_verdicts.fingerprint(job)
+            known, refused = self.key_verdicts.known(fingerprint)
+            verdicts.append((fingerprint, known))
+            if refused is not None:
+                results[index] = InvalidKey(refused)
+            else:
+                pending.append(index)
+        secrets_ = await self.decrypt_many([(jobs[i].ciphertext, jobs[i].context) for i in pending])
+        for index, secret in zip(pending, secrets_, strict=True):
+            if isinstance(secret, CitadelError):
+                results[index] = secret
+                continue
+            fingerprint, known = verdicts[index]
+            try:
+                results[index] = await self._sign_with(jobs[index], secret, fingerprint, known)
+            except InvalidKey as err:
+                results[index] = err
+        return results
+
+    async def _sign_with(self, job: SignJob, secret: str, fingerprint: bytes, known: bool) -> str:
+        verdicts = self.key_verdicts
+        refused = None
         try:
             prepared = signing.prepare(
-                algorithm,
+                job.algorithm,
                 secret,
-                key_encoding=key_encoding,
-                signature_encoding=signature_encoding,
+                key_encoding=job.key_encoding,
+                signature_encoding=job.signature_encoding,
                 rsa_checked=known,
             )
         except InvalidKey as err:
@@ -178,11 +265,11 @@ class Vault:
                 verdicts.remember(fingerprint, signing.RSA_KEY_CHECK_FAILED)
                 raise InvalidKey(signing.RSA_KEY_CHECK_FAILED)
             verdicts.remember(fingerprint, None)
-        if algorithm in _SLOW_ALGORITHMS:
+        if job.algorithm in _SLOW_ALGORITHMS:
             return await asyncio.to_thread(
-                signing.sign_prepared, prepared, message, signature_encoding
+                signing.sign_prepared, prepared, job.message, job.signature_encoding
             )
-        return signing.sign_prepared(prepared, message, signature_encoding)
+        return signing.sign_prepared(prepared, job.message, job.signature_encoding)
 
     async def aclose(self) -> None:
         """Stop the RSA key checker's child process."""

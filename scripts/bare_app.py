@@ -3,7 +3,7 @@
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from citadel.http.bodies import CiphertextRequest, EncryptRequest, SignRequest
+from citadel.http.bodies import DecryptRequest, EncryptRequest, RewrapRequest, SignRequest
 
 app = FastAPI()
 
@@ -14,7 +14,7 @@ async def encrypt(body: EncryptRequest) -> Response:
 
 
 @app.post("/decrypt")
-async def decrypt(body: CiphertextRequest) -> Response:
+async def decrypt(body: DecryptRequest) -> Response:
     return Response(b'{"plaintext":"x"}', media_type="application/json")
 
 
@@ -24,5 +24,5 @@ async def sign(body: SignRequest) -> Response:
 
 
 @app.post("/rewrap")
-async def rewrap(body: CiphertextRequest) -> Response:
+async def rewrap(body: RewrapRequest) -> Response:
     return Response(b'{"encrypted_data":"x"}', media_type="application/json")

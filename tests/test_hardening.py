@@ -663,10 +663,10 @@ class ExplodingProvider:
     def breaker_state(self) -> BreakerState:
         return BreakerState.CLOSED
 
-    async def encrypt(self, plaintext: str) -> str:
+    async def encrypt(self, plaintext: str, context: object = None) -> str:
         raise RuntimeError(plaintext)
 
-    async def decrypt(self, ciphertext: str) -> str:
+    async def decrypt(self, ciphertext: str, context: object = None) -> str:
         raise RuntimeError(ciphertext)
 
 

@@ -10,20 +10,25 @@ from pydantic import BaseModel
 from support import Served, headers, make_settings, serve_citadel
 
 from citadel.http.bodies import (
-    CiphertextRequest,
+    DecryptBatch,
+    DecryptRequest,
+    EncryptBatch,
     EncryptedData,
     EncryptRequest,
     ErrorBody,
     PlaintextResponse,
+    RewrapBatch,
+    RewrapRequest,
     SignatureResponse,
+    SignBatch,
     SignRequest,
 )
 
-REQUESTS: dict[str, type[BaseModel]] = {
-    "encrypt": EncryptRequest,
-    "decrypt": CiphertextRequest,
-    "sign": SignRequest,
-    "rewrap": CiphertextRequest,
+REQUESTS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    "encrypt": (EncryptRequest, EncryptBatch),
+    "decrypt": (DecryptRequest, DecryptBatch),
+    "sign": (SignRequest, SignBatch),
+    "rewrap": (RewrapRequest, RewrapBatch),
 }
 ANSWERS: dict[str, type[BaseModel]] = {
     "encrypt": EncryptedData,
@@ -40,25 +45,31 @@ def served(tmp_path: Path) -> Any:
         yield s
 
 
-def _schema_of(document: dict[str, Any], operation: str, part: str) -> dict[str, Any]:
+def _schema_of(
+    document: dict[str, Any], operation: str, part: str, form: int = 0
+) -> dict[str, Any]:
+    """The documented schema of an operation's single form (0) or batch form (1)."""
     post = document["paths"][f"/{operation}"]["post"]
     if part == "request":
         content = post["requestBody"]["content"]
     else:
         content = post["responses"]["200"]["content"]
-    ref: str = content["application/json"]["schema"]["$ref"]
+    ref: str = content["application/json"]["schema"]["oneOf"][form]["$ref"]
     schema: dict[str, Any] = document["components"]["schemas"][ref.rsplit("/", 1)[1]]
     return schema
 
 
+@pytest.mark.parametrize("form", [0, 1], ids=["single", "batch"])
 @pytest.mark.parametrize("operation", sorted(REQUESTS))
 def test_the_documented_request_schema_is_the_validating_models(
-    served: Served, operation: str
+    served: Served, operation: str, form: int
 ) -> None:
     with served.client() as c:
         document = c.get("/openapi.json").json()
-    model = REQUESTS[operation]
-    assert _schema_of(document, operation, "request") == model.model_json_schema()
+    model = REQUESTS[operation][form]
+    expected = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    expected.pop("$defs", None)
+    assert _schema_of(document, operation, "request", form) == expected
 
 
 @pytest.mark.parametrize("operation", sorted(ANSWERS))

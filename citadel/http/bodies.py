@@ -18,13 +18,44 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from citadel import signing
 from citadel.errors import InvalidCiphertext, InvalidRequest
 
 Body = TypeVar("Body", bound=BaseModel)
+Batch = TypeVar("Batch", bound=BaseModel)
+# The fields a 422 may name: Citadel's own. A location part that is not one of
+# them (a context's key, an unexpected field) is the client's and is never shown.
+_OWN_FIELDS = frozenset(
+    {
+        "plaintext",
+        "encrypted_data",
+        "algorithm",
+        "message",
+        "message_encoding",
+        "key_encoding",
+        "signature_encoding",
+        "context",
+        "new_context",
+        "batch",
+    }
+)
+CONTEXT_RULE = (
+    "an object of 1 to 16 pairs, keys of 1 to 64 of A-Za-z0-9_.- and values of "
+    "1 to 256 UTF-8 bytes"
+)
 NonEmpty = Annotated[str, Field(min_length=1)]
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -43,7 +74,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_object)
 
 
-def parse(raw: bytes, model: type[Body]) -> Body:
+def parse(raw: bytes, model: type[Body], batch: type[Batch] | None = None) -> Body | Batch:
     """``raw`` as an instance of ``model``; else ``InvalidRequest`` (422), fixed text only."""
     try:
         text = raw.decode("utf-8")
@@ -57,8 +88,9 @@ def parse(raw: bytes, model: type[Body]) -> Body:
         raise InvalidRequest("The body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise InvalidRequest("The body must be a JSON object.")
+    chosen: type[BaseModel] = batch if batch is not None and "batch" in doc else model
     try:
-        return model.model_validate(doc)
+        return chosen.model_validate(doc)  # type: ignore[return-value]
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False)[0]
         if first["type"] == "string_unicode" and first["loc"][-1:] == ("encrypted_data",):
@@ -72,14 +104,26 @@ def _detail(exc: ValidationError) -> str:
     """Fixed text for the first error: Citadel's field names, never the client's, never input."""
     error = exc.errors(include_url=False, include_input=False, include_context=True)[0]
     kind = error["type"]
-    if kind == "extra_forbidden":
+    if kind == "extra_forbidden" and len(error["loc"]) <= 3:
         # Its location is the client's own field name: never repeated.
         return "The body has a field this operation does not define."
-    field = ".".join(str(part) for part in error["loc"] if isinstance(part, str))
+    parts: list[str] = []
+    for part in error["loc"]:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part in _OWN_FIELDS:
+            parts.append(f".{part}" if parts else part)
+        else:
+            break
+    field = "".join(parts)
+    if field.endswith("context"):
+        return f"The field {field} must be {CONTEXT_RULE}."
     if kind == "missing":
         return f"The field {field} is required."
     if kind in ("string_type", "string_too_short"):
         return f"The field {field} must be a non-empty string."
+    if kind == "too_short" and field.endswith("batch"):
+        return "The field batch must hold at least one item."
     if kind == "choice":  # raised below, with Citadel's own text
         return str(error["msg"])
     return f"The field {field} has a wrong type or value."
@@ -97,18 +141,60 @@ def _ctx(field: str, allowed: tuple[str, ...]) -> dict[str, str]:
     return {"field": field, "allowed": ", ".join(allowed)}
 
 
+def _within_256_bytes(value: str) -> str:
+    if len(value.encode()) > 256:
+        raise PydanticCustomError("context_value", "too long")
+    return value
+
+
+ContextKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+ContextValue = Annotated[str, Field(min_length=1), AfterValidator(_within_256_bytes)]
+EncryptionContext = Annotated[
+    dict[ContextKey, ContextValue],
+    Field(
+        min_length=1,
+        max_length=16,
+        description="The pairs the ciphertext is bound to: " + CONTEXT_RULE + ".",
+    ),
+]
+
+
+def _not_null(value: Any) -> Any:
+    # Optional, never null: an explicit null is refused like any wrong type.
+    if value is None:
+        raise PydanticCustomError("null", "null")
+    return value
+
+
+NotNull = BeforeValidator(_not_null)
+OptionalContext = Annotated[EncryptionContext | None, NotNull]
+
+
 class EncryptRequest(BaseModel):
-    """``POST /encrypt``: one plaintext (its UTF-8 size is checked by the vault)."""
+    """``POST /encrypt``: one plaintext (its limits are checked by the vault), maybe a context."""
 
     model_config = _STRICT
     plaintext: NonEmpty
+    context: OptionalContext = None
 
 
-class CiphertextRequest(BaseModel):
-    """``POST /decrypt`` and ``POST /rewrap``: one ciphertext."""
+class DecryptRequest(BaseModel):
+    """``POST /decrypt``: one ciphertext, with the context it was made with (if any)."""
 
     model_config = _STRICT
     encrypted_data: NonEmpty
+    context: OptionalContext = None
+
+
+class RewrapRequest(BaseModel):
+    """``POST /rewrap``: one ciphertext and its context; ``new_context`` replaces the context."""
+
+    model_config = _STRICT
+    encrypted_data: NonEmpty
+    context: OptionalContext = None
+    new_context: OptionalContext = Field(
+        None, description="Bind the new ciphertext to this context instead of `context`."
+    )
 
 
 _KEY_ENCODINGS: list[Any] = sorted({e for encs in signing.ALGORITHMS.values() for e in encs})
@@ -140,6 +226,7 @@ class SignRequest(BaseModel):
         signing.SIGNATURE_ENCODINGS[0],
         json_schema_extra={"enum": list(signing.SIGNATURE_ENCODINGS)},
     )
+    context: OptionalContext = None
 
     @field_validator("algorithm")
     @classmethod
@@ -166,6 +253,37 @@ class SignRequest(BaseModel):
         return self
 
 
+Items = Field(min_length=1, description="1 to CITADEL_MAX_BATCH_ITEMS items (default 100).")
+
+
+class EncryptBatch(BaseModel):
+    """``POST /encrypt`` with many items: each one the body of the single form."""
+
+    model_config = _STRICT
+    batch: list[EncryptRequest] = Items
+
+
+class DecryptBatch(BaseModel):
+    """``POST /decrypt`` with many items."""
+
+    model_config = _STRICT
+    batch: list[DecryptRequest] = Items
+
+
+class SignBatch(BaseModel):
+    """``POST /sign`` with many items, each with its own algorithm and encodings."""
+
+    model_config = _STRICT
+    batch: list[SignRequest] = Items
+
+
+class RewrapBatch(BaseModel):
+    """``POST /rewrap`` with many items."""
+
+    model_config = _STRICT
+    batch: list[RewrapRequest] = Items
+
+
 class EncryptedData(BaseModel):
     """The answer of ``/encrypt`` and ``/rewrap``."""
 
@@ -182,6 +300,37 @@ class SignatureResponse(BaseModel):
     """The answer of ``/sign``: the signature only."""
 
     signature: str
+
+
+class ItemError(BaseModel):
+    """A batch item's error: the code and detail the single form would have answered."""
+
+    code: str
+    detail: str
+
+
+class ItemFailed(BaseModel):
+    """A batch result for an item that failed (only for what its data caused)."""
+
+    error: ItemError
+
+
+class EncryptedBatch(BaseModel):
+    """The answer of a batch ``/encrypt`` or ``/rewrap``, in the order of the items."""
+
+    batch: list[EncryptedData | ItemFailed]
+
+
+class PlaintextBatch(BaseModel):
+    """The answer of a batch ``/decrypt``, in the order of the items."""
+
+    batch: list[PlaintextResponse | ItemFailed]
+
+
+class SignatureBatch(BaseModel):
+    """The answer of a batch ``/sign``, in the order of the items."""
+
+    batch: list[SignatureResponse | ItemFailed]
 
 
 class ErrorBody(BaseModel):

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import Receive
 
 from citadel.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimits:
+    """One operation's body limits: the single form's, and a batch's (read up to this)."""
+
+    single: int
+    batch: int
 
 
 class ClientGone(InvalidRequest):

@@ -14,23 +14,52 @@ from typing import Any
 from pydantic import BaseModel
 
 from citadel.http.bodies import (
-    CiphertextRequest,
+    DecryptBatch,
+    DecryptRequest,
+    EncryptBatch,
+    EncryptedBatch,
     EncryptedData,
     EncryptRequest,
     ErrorBody,
+    PlaintextBatch,
     PlaintextResponse,
+    RewrapBatch,
+    RewrapRequest,
+    SignatureBatch,
     SignatureResponse,
+    SignBatch,
     SignRequest,
     StatusBody,
 )
 from citadel.http.head import USER_ID
 from citadel.http.request_ids import VALID_REQUEST_ID
 
-_OPERATION_DOCS: dict[str, tuple[str, type[BaseModel], type[BaseModel], str]] = {
-    "/encrypt": ("encrypt", EncryptRequest, EncryptedData, "Encrypt one plaintext."),
-    "/decrypt": ("decrypt", CiphertextRequest, PlaintextResponse, "Decrypt one ciphertext."),
-    "/sign": ("sign", SignRequest, SignatureResponse, "Sign a message with a stored secret."),
-    "/rewrap": ("rewrap", CiphertextRequest, EncryptedData, "Re-encrypt under the active key."),
+Forms = tuple[type[BaseModel], type[BaseModel]]  # the single form's model, the batch's
+_OPERATION_DOCS: dict[str, tuple[str, Forms, Forms, str]] = {
+    "/encrypt": (
+        "encrypt",
+        (EncryptRequest, EncryptBatch),
+        (EncryptedData, EncryptedBatch),
+        "Encrypt one plaintext, or a batch.",
+    ),
+    "/decrypt": (
+        "decrypt",
+        (DecryptRequest, DecryptBatch),
+        (PlaintextResponse, PlaintextBatch),
+        "Decrypt one ciphertext, or a batch.",
+    ),
+    "/sign": (
+        "sign",
+        (SignRequest, SignBatch),
+        (SignatureResponse, SignatureBatch),
+        "Sign a message with a stored secret, or a batch.",
+    ),
+    "/rewrap": (
+        "rewrap",
+        (RewrapRequest, RewrapBatch),
+        (EncryptedData, EncryptedBatch),
+        "Re-encrypt under the active key, or a batch.",
+    ),
 }
 
 _ERROR_STATUSES = {
@@ -78,13 +107,16 @@ def openapi_document(version: str) -> dict[str, Any]:
         schemas[model.__name__] = schema
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
+    def either(forms: Forms) -> dict[str, Any]:
+        return {"oneOf": [ref(forms[0]), ref(forms[1])]}
+
     error = {"application/json": {"schema": ref(ErrorBody)}}
     paths: dict[str, Any] = {}
     for path, (operation, request, response, summary) in _OPERATION_DOCS.items():
         responses: dict[str, Any] = {
             "200": {
                 "description": "OK",
-                "content": {"application/json": {"schema": ref(response)}},
+                "content": {"application/json": {"schema": either(response)}},
             }
         }
         for code, meaning in _ERROR_STATUSES.items():
@@ -97,7 +129,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "parameters": _HEADERS,
                 "requestBody": {
                     "required": True,
-                    "content": {"application/json": {"schema": ref(request)}},
+                    "content": {"application/json": {"schema": either(request)}},
                 },
                 "responses": responses,
             }

@@ -2,111 +2,276 @@
 
 Called by the pipeline (:mod:`citadel.http.pipeline`) once the request is
 authenticated, rate-limited, authorised and its body read; nothing here
-knows about any of that, and nothing here imports the pipeline. Errors are
-raised (the pipeline maps them in one place); what a handler learned that
-the audit line needs (fingerprints, the algorithm) travels back in its
-:class:`Outcome`.
+knows about any of that, and nothing here imports the pipeline. An operation
+runs in two steps, so that a batch is checked whole before anything is done
+and its rate-limit cost is known before it runs: :meth:`Operations.prepare`
+parses and checks the body (raising 422 or 413 for the whole request) and
+returns a :class:`Call` with its item count; :meth:`Call.run` does the work.
+Each item comes back as an :class:`Item`: its answer, or the error its data
+caused (``invalid_ciphertext``, ``key_retired``, ``invalid_key``), with the
+audit fields it carries (fingerprints, the algorithm, the context's keys).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from citadel import signing
-from citadel.errors import CitadelError, InvalidRequest, PayloadTooLarge
-from citadel.http.bodies import CiphertextRequest, EncryptRequest, SignRequest, parse
+from citadel.context import keys
+from citadel.errors import (
+    CitadelError,
+    InvalidCiphertext,
+    InvalidKey,
+    InvalidRequest,
+    KeyRetired,
+    PayloadTooLarge,
+)
+from citadel.http.bodies import (
+    DecryptBatch,
+    DecryptRequest,
+    EncryptBatch,
+    EncryptRequest,
+    RewrapBatch,
+    RewrapRequest,
+    SignBatch,
+    SignRequest,
+    parse,
+)
 from citadel.pseudonyms import fingerprint
-from citadel.service import Vault
+from citadel.service import SignJob, Vault
 
 # Path → ACL operation name: the paths the pipeline serves itself.
 PATHS = {"/encrypt": "encrypt", "/decrypt": "decrypt", "/sign": "sign", "/rewrap": "rewrap"}
+# The errors an item's own data causes: the only ones a batch answers per item.
+ITEM_ERRORS = (InvalidCiphertext, KeyRetired, InvalidKey)
+Audit = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One item's result: the single form's answer, or its error, and its audit fields."""
+
+    answer: dict[str, str] | None
+    error: CitadelError | None
+    audit: Audit
+
+    @property
+    def code(self) -> str:
+        """``ok``, or the error's code."""
+        return "ok" if self.error is None else self.error.code
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What an operation gives back: its response body or its error, and its audit fields.
+    """What a call gives back: the response body (or the single form's error) and its items.
 
-    An error the data caused once the request was understood (an undecryptable
-    ciphertext, a secret that is not a key) comes back here rather than raised,
-    with the fingerprints already known, so the audit line still says which
-    ciphertext failed. Errors of the request itself (a bad body) are raised.
+    ``items`` holds one entry per item, in order; the single form has one and
+    ``batch`` False. For the single form an item's error is the answer; in a
+    batch it is that item's result.
     """
 
-    body: bytes = b""
-    error: CitadelError | None = None
-    ct_fp: str | None = None
-    extra: dict[str, str] | None = None
+    items: tuple[Item, ...]
+    batch: bool
+
+    @property
+    def error(self) -> CitadelError | None:
+        """The error the whole answer is (the single form's item error), or None."""
+        return None if self.batch else self.items[0].error
+
+    def body(self) -> bytes:
+        """The JSON answer: the single form's body, or the batch of results."""
+        if not self.batch:
+            answer = self.items[0].answer
+            assert answer is not None
+            return orjson.dumps(answer)
+        return orjson.dumps({"batch": [_result(item) for item in self.items]})
+
+
+def _result(item: Item) -> dict[str, Any]:
+    if item.error is None:
+        assert item.answer is not None
+        return item.answer
+    return {"error": {"code": item.error.code, "detail": item.error.detail}}
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A request whose body passed every check, ready to run; ``items`` is its rate-limit cost."""
+
+    items: int
+    run: Callable[[], Awaitable[Outcome]]
+
+
+def _with_context(audit: Audit, context: Any) -> Audit:
+    found = keys(context)
+    if found:
+        audit["context_keys"] = found
+    return audit
 
 
 class Operations:
     """The operation handlers over one :class:`~citadel.service.Vault`."""
 
-    def __init__(self, vault: Vault, max_sign_message_bytes: int) -> None:
+    def __init__(self, vault: Vault, max_sign_message_bytes: int, max_batch_items: int) -> None:
         self.vault = vault
         self._max_message = max_sign_message_bytes
-        self._handlers: dict[str, Callable[[bytes], Awaitable[Outcome]]] = {
+        self._max_items = max_batch_items
+        self._preparers: dict[str, Callable[[bytes], Call]] = {
             "encrypt": self.encrypt,
             "decrypt": self.decrypt,
             "sign": self.sign,
             "rewrap": self.rewrap,
         }
-        assert set(self._handlers) == set(PATHS.values())
+        assert set(self._preparers) == set(PATHS.values())
 
-    async def perform(self, operation: str, raw: bytes) -> Outcome:
-        """Run ``operation`` (a value of :data:`PATHS`) on the raw body."""
-        return await self._handlers[operation](raw)
+    def prepare(self, operation: str, raw: bytes) -> Call:
+        """Parse and check the body of ``operation`` (a value of :data:`PATHS`), single or batch."""
+        return self._preparers[operation](raw)
 
-    async def encrypt(self, raw: bytes) -> Outcome:
-        """``/encrypt``: the plaintext's ciphertext."""
-        request = parse(raw, EncryptRequest)
-        ciphertext = await self.vault.encrypt(request.plaintext)
-        return Outcome(orjson.dumps({"encrypted_data": ciphertext}), ct_fp=fingerprint(ciphertext))
+    def _items(self, batch: Sequence[Any]) -> None:
+        if len(batch) > self._max_items:
+            raise InvalidRequest(f"The batch has more than {self._max_items} items.")
 
-    async def decrypt(self, raw: bytes) -> Outcome:
-        """``/decrypt``: the plaintext (the pipeline sends it with ``Cache-Control: no-store``)."""
-        ciphertext = parse(raw, CiphertextRequest).encrypted_data
-        ct_fp = fingerprint(ciphertext)
-        try:
-            plaintext = await self.vault.decrypt(ciphertext)
-        except CitadelError as err:
-            return Outcome(error=err, ct_fp=ct_fp)
-        return Outcome(orjson.dumps({"plaintext": plaintext}), ct_fp=ct_fp)
+    # -- encrypt -----------------------------------------------------------------------------------
 
-    async def rewrap(self, raw: bytes) -> Outcome:
-        """``/rewrap``: the same plaintext under the active key; it never leaves the server."""
-        ciphertext = parse(raw, CiphertextRequest).encrypted_data
-        ct_fp = fingerprint(ciphertext)
-        try:
-            new = await self.vault.rewrap(ciphertext)
-        except CitadelError as err:
-            return Outcome(error=err, ct_fp=ct_fp)
-        return Outcome(
-            orjson.dumps({"encrypted_data": new}),
-            ct_fp=ct_fp,
-            extra={"ct_fp_new": fingerprint(new)},
-        )
+    def encrypt(self, raw: bytes) -> Call:
+        """``/encrypt``: each plaintext's ciphertext (limits checked for every item first)."""
+        request = parse(raw, EncryptRequest, EncryptBatch)
+        items = request.batch if isinstance(request, EncryptBatch) else [request]
+        self._items(items)
+        for item in items:
+            self.vault.check_plaintext(item.plaintext)
 
-    async def sign(self, raw: bytes) -> Outcome:
-        """``/sign``: a signature by the secret inside the ciphertext; only the signature leaves."""
-        request = parse(raw, SignRequest)
-        message = signing.decode_message(request.message, request.message_encoding)
+        async def run() -> Outcome:
+            done = []
+            for item in items:
+                ciphertext = await self.vault.encrypt(item.plaintext, item.context)
+                audit = _with_context({"ct_fp": fingerprint(ciphertext)}, item.context)
+                done.append(Item({"encrypted_data": ciphertext}, None, audit))
+            return Outcome(tuple(done), isinstance(request, EncryptBatch))
+
+        return Call(len(items), run)
+
+    # -- decrypt -----------------------------------------------------------------------------------
+
+    def decrypt(self, raw: bytes) -> Call:
+        """``/decrypt``: each plaintext (sent with ``Cache-Control: no-store``)."""
+        request = parse(raw, DecryptRequest, DecryptBatch)
+        items = request.batch if isinstance(request, DecryptBatch) else [request]
+        self._items(items)
+
+        async def run() -> Outcome:
+            batched = isinstance(request, DecryptBatch)
+            pairs = [(item.encrypted_data, item.context) for item in items]
+            if batched:
+                found = await self.vault.decrypt_many(pairs)
+            else:
+                found = [await _one(self.vault.decrypt(*pairs[0]))]
+            done = [
+                _item(result, "plaintext", _with_context(_fp(ct), ctx), batched)
+                for (ct, ctx), result in zip(pairs, found, strict=True)
+            ]
+            return Outcome(tuple(done), batched)
+
+        return Call(len(items), run)
+
+    # -- rewrap ------------------------------------------------------------------------------------
+
+    def rewrap(self, raw: bytes) -> Call:
+        """``/rewrap``: each plaintext under the active key, bound to the same or a new context."""
+        request = parse(raw, RewrapRequest, RewrapBatch)
+        items = request.batch if isinstance(request, RewrapBatch) else [request]
+        self._items(items)
+
+        async def run() -> Outcome:
+            batched = isinstance(request, RewrapBatch)
+            triples = [
+                (
+                    item.encrypted_data,
+                    item.context,
+                    item.new_context if "new_context" in item.model_fields_set else item.context,
+                )
+                for item in items
+            ]
+            if batched:
+                found = await self.vault.rewrap_many(triples)
+            else:
+                found = [await _one(self.vault.rewrap(*triples[0]))]
+            done = []
+            for (ct, ctx, target), result in zip(triples, found, strict=True):
+                audit = _with_context(_fp(ct), ctx)
+                if isinstance(result, str):
+                    audit["ct_fp_new"] = fingerprint(result)
+                if target != ctx and keys(target):
+                    audit["new_context_keys"] = keys(target)
+                done.append(_item(result, "encrypted_data", audit, batched))
+            return Outcome(tuple(done), batched)
+
+        return Call(len(items), run)
+
+    # -- sign --------------------------------------------------------------------------------------
+
+    def sign(self, raw: bytes) -> Call:
+        """``/sign``: each signature by the secret inside its ciphertext; only signatures leave."""
+        request = parse(raw, SignRequest, SignBatch)
+        items = request.batch if isinstance(request, SignBatch) else [request]
+        self._items(items)
+        jobs = [self._job(item) for item in items]
+
+        async def run() -> Outcome:
+            batched = isinstance(request, SignBatch)
+            if batched:
+                found = await self.vault.sign_many(jobs)
+            else:
+                found = [await _one(self.vault.sign(jobs[0]))]
+            done = []
+            for job, result in zip(jobs, found, strict=True):
+                audit = _fp(job.ciphertext)
+                audit["algorithm"] = job.algorithm
+                audit["msg_fp"] = fingerprint(job.message)
+                done.append(
+                    _item(result, "signature", _with_context(audit, job.context), batched)
+                )
+            return Outcome(tuple(done), batched)
+
+        return Call(len(items), run)
+
+    def _job(self, item: SignRequest) -> SignJob:
+        message = signing.decode_message(item.message, item.message_encoding)
         if len(message) > self._max_message:
             raise PayloadTooLarge(f"The message is over {self._max_message} bytes.")
         if not message:
             raise InvalidRequest("The field message must not decode to nothing.")
-        ct_fp = fingerprint(request.encrypted_data)
-        audit = {"algorithm": request.algorithm, "msg_fp": fingerprint(message)}
-        try:
-            signature = await self.vault.sign(
-                request.encrypted_data,
-                algorithm=request.algorithm,
-                message=message,
-                key_encoding=request.key_encoding,
-                signature_encoding=request.signature_encoding,
-            )
-        except CitadelError as err:
-            return Outcome(error=err, ct_fp=ct_fp, extra=audit)
-        return Outcome(orjson.dumps({"signature": signature}), ct_fp=ct_fp, extra=audit)
+        return SignJob(
+            item.encrypted_data,
+            item.algorithm,
+            message,
+            item.key_encoding,
+            item.signature_encoding,
+            item.context,
+        )
+
+
+def _fp(ciphertext: str) -> Audit:
+    return {"ct_fp": fingerprint(ciphertext)}
+
+
+async def _one(result: Awaitable[str]) -> str | CitadelError:
+    """A single-form result: its value, or its error (kept, so the audit line has its fields)."""
+    try:
+        return await result
+    except CitadelError as err:
+        return err
+
+
+def _item(result: str | CitadelError, field: str, audit: Audit, batch: bool) -> Item:
+    """An item from a vault result; in a batch, an error no item causes (a 503) fails it whole."""
+    if isinstance(result, str):
+        return Item({field: result}, None, audit)
+    if batch and not isinstance(result, ITEM_ERRORS):
+        raise result
+    return Item(None, result, audit)

@@ -16,9 +16,13 @@ raise decides the answer:
    about how a body would have been handled;
 6. :meth:`~Pipeline.read_body`: within its size limit (413) and
    ``CITADEL_READ_TIMEOUT_S`` (408);
-7. the operation (:meth:`citadel.http.operations.Operations.perform`);
-8. :meth:`~Pipeline.respond`: the audit line (fail-closed: 503 when it cannot
-   be written), the metrics, then the answer.
+7. :meth:`citadel.http.operations.Operations.prepare`: the whole body checked
+   (422, 413), single form or batch, before anything is done;
+8. :meth:`~Pipeline.limit_items`: a batch's other items against the same
+   budgets (429, charged nothing when it does not fit);
+9. :meth:`citadel.http.operations.Call.run`: the work, through the vault;
+10. :meth:`~Pipeline.respond`: the audit line, one per item for a batch
+    (fail-closed: 503 when it cannot be written), the metrics, then the answer.
 
 Every other path goes to FastAPI (:class:`~citadel.http.other_paths.OtherPaths`).
 The operations do not go through FastAPI's routing, request objects and
@@ -28,6 +32,7 @@ for a request (docs/performance.md), and the operations need none of it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -36,13 +41,20 @@ import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from citadel.audit import AuditLog
-from citadel.errors import AuditUnavailable, CitadelError, Forbidden, InternalError, Unauthenticated
+from citadel.errors import (
+    AuditUnavailable,
+    CitadelError,
+    Forbidden,
+    InternalError,
+    PayloadTooLarge,
+    Unauthenticated,
+)
 from citadel.http import refusals, request_ids
 from citadel.http.addresses import ClientAddresses
-from citadel.http.body import BodyDeadlines, ClientGone
+from citadel.http.body import BodyDeadlines, BodyLimits, ClientGone
 from citadel.http.errors import error_parts, post_only
 from citadel.http.head import RequestHead
-from citadel.http.operations import PATHS, Operations, Outcome
+from citadel.http.operations import PATHS, Item, Operations, Outcome
 from citadel.http.other_paths import OtherPaths
 from citadel.logs import safe_exception_text
 from citadel.metrics import Metrics
@@ -55,6 +67,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("citadel")
 
+# A batch body: a JSON object whose first key is "batch" (it can have no other).
+_BATCH_START = re.compile(rb'\A[ \t\r\n]*\{[ \t\r\n]*"batch"')
 _JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 
 
@@ -71,22 +85,30 @@ class Request:
 
 @dataclass(slots=True)
 class Answer:
-    """What is sent, and what the audit line says about it."""
+    """What is sent, and what the audit line (or, for a batch, each item's line) says."""
 
     status: int
     payload: bytes
     code: str
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    ct_fp: str | None = None
-    extra: dict[str, str] | None = None
+    audit: dict[str, Any] | None = None
+    items: tuple[Item, ...] | None = None
 
     @classmethod
-    def of_error(cls, err: CitadelError, outcome: Outcome | None = None) -> Answer:
+    def of_error(cls, err: CitadelError, audit: dict[str, Any] | None = None) -> Answer:
         """The contract's answer for ``err``, with the audit fields an operation already knew."""
         status, payload, headers = error_parts(err)
-        if outcome is None:
-            return cls(status, payload, err.code, headers)
-        return cls(status, payload, err.code, headers, outcome.ct_fp, outcome.extra)
+        return cls(status, payload, err.code, headers, audit)
+
+    @classmethod
+    def of_outcome(cls, outcome: Outcome) -> Answer:
+        """A call's answer: the single form's body or error, or a batch's results (200)."""
+        if outcome.batch:
+            return cls(200, outcome.body(), "ok", items=outcome.items)
+        item = outcome.items[0]
+        if item.error is not None:
+            return cls.of_error(item.error, item.audit)
+        return cls(200, outcome.body(), "ok", audit=item.audit)
 
 
 class Pipeline:
@@ -101,7 +123,7 @@ class Pipeline:
         audit: AuditLog,
         metrics: Metrics,
         pseudonymize: Pseudonymizer,
-        body_limits: dict[str, int],
+        body_limits: dict[str, BodyLimits],
         deadlines: BodyDeadlines,
         limiter: RateLimiter | None = None,
         addresses: ClientAddresses | None = None,
@@ -120,6 +142,7 @@ class Pipeline:
         self.addresses = addresses or ClientAddresses()
         self.caller_binding = caller_binding
         self._request_counters: dict[tuple[str, str, str], Any] = {}
+        self._item_counters: dict[tuple[str, str], Any] = {}
         self._durations = {op: metrics.duration.labels(op) for op in PATHS.values()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -144,11 +167,9 @@ class Pipeline:
             await self.limit(request)
             self.authorize(request, scope)
             body = await self.read_body(request, head, receive)
-            outcome = await self.operations.perform(operation, body)
-            if outcome.error is None:
-                answer = Answer(200, outcome.body, "ok", [], outcome.ct_fp, outcome.extra)
-            else:
-                answer = Answer.of_error(outcome.error, outcome)
+            call = self.operations.prepare(operation, body)
+            await self.limit_items(request, call.items)
+            answer = Answer.of_outcome(await call.run())
         except ClientGone as err:
             # A body the protocol refused mid-way: the client got the protocol's answer.
             answer = Answer.of_error(err)
@@ -203,6 +224,18 @@ class Pipeline:
             assert request.caller is not None
             await self.limiter.hit_caller(request.caller, request.user_pseudonym)
 
+    async def limit_items(self, request: Request, items: int) -> None:
+        """A batch's items beyond the first (charged by :meth:`limit`): all of them, or none.
+
+        A batch that does not fit in what is left of a budget is refused whole,
+        and the unit :meth:`limit` took for it is given back.
+        """
+        if self.limiter is not None and items > 1:
+            assert request.caller is not None
+            await self.limiter.hit_caller(
+                request.caller, request.user_pseudonym, cost=items - 1, already=1
+            )
+
     def authorize(self, request: Request, scope: Scope) -> None:
         """The ACL, then the method: both before any of the body is read."""
         assert request.caller is not None
@@ -212,34 +245,53 @@ class Pipeline:
             raise post_only()
 
     async def read_body(self, request: Request, head: RequestHead, receive: Receive) -> bytes:
-        """The whole body, within the operation's size limit and the read deadline."""
-        limit = self.body_limits[request.operation]
-        head.check_length(limit)
-        body = await self.deadlines.read(receive, limit)
+        """The whole body, within the operation's size limit and the read deadline.
+
+        The limit read to is a batch's; a body over the single form's limit must
+        be a batch (a JSON object whose first key is ``batch``), else 413.
+        """
+        limits = self.body_limits[request.operation]
+        head.check_length(limits.batch)
+        body = await self.deadlines.read(receive, limits.batch)
         request.body_read = True
+        if len(body) > limits.single and not _BATCH_START.match(body):
+            raise PayloadTooLarge()
         return body
 
     async def respond(self, send: Send, request: Request, answer: Answer, start: float) -> None:
         """Audit, count, then send; a response whose audit line failed is never sent."""
         elapsed = perf_counter() - start
+        common: dict[str, Any] = {
+            "operation": request.operation,
+            "requestor": request.caller,
+            "user_id": request.user_pseudonym,
+            "duration_ms": round(elapsed * 1000, 3),
+            "request_id": request.request_id,
+        }
         try:
-            await self.audit.write(
-                operation=request.operation,
-                requestor=request.caller,
-                user_id=request.user_pseudonym,
-                success=answer.status < 400,
-                code=answer.code,
-                duration_ms=round(elapsed * 1000, 3),
-                request_id=request.request_id,
-                ct_fp=answer.ct_fp,
-                extra=answer.extra,
-            )
+            if answer.items is None:
+                await self.audit.write(
+                    operation=request.operation,
+                    requestor=request.caller,
+                    user_id=request.user_pseudonym,
+                    success=answer.status < 400,
+                    code=answer.code,
+                    duration_ms=common["duration_ms"],
+                    request_id=request.request_id,
+                    extra=answer.audit,
+                )
+            else:
+                await self.audit.write_batch(
+                    common, [(item.code, item.audit) for item in answer.items]
+                )
         except AuditUnavailable as err:
             log.error(
                 "audit_write_failed", operation=request.operation, request_id=request.request_id
             )
             answer = Answer.of_error(err)
         self._count(request, answer.code, elapsed)
+        if answer.items is not None:
+            self._count_items(request, answer.items)
         headers = [
             *_JSON_HEADERS,
             (b"content-length", str(len(answer.payload)).encode()),
@@ -254,6 +306,14 @@ class Pipeline:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer.payload})
+
+    def _count_items(self, request: Request, items: tuple[Item, ...]) -> None:
+        for item in items:
+            labels = (request.operation, item.code)
+            counter = self._item_counters.get(labels)
+            if counter is None:
+                counter = self._item_counters[labels] = self.metrics.batch_items.labels(*labels)
+            counter.inc()
 
     def _count(self, request: Request, code: str, elapsed: float) -> None:
         labels = (request.operation, request.caller or "unknown", code)

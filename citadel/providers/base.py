@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from citadel.breaker import BreakerState
+from citadel.context import Context
+from citadel.errors import CitadelError
 
 
 class Provider(Protocol):
@@ -25,8 +28,20 @@ class Provider(Protocol):
     def breaker_state(self) -> BreakerState:
         """The circuit breaker's state; ``closed`` for providers without one."""
 
-    async def encrypt(self, plaintext: str) -> str:
-        """Return a ciphertext that :meth:`decrypt` turns back into ``plaintext``."""
+    async def encrypt(self, plaintext: str, context: Context | None = None) -> str:
+        """A ciphertext that :meth:`decrypt` turns back into ``plaintext`` (with this context)."""
 
-    async def decrypt(self, ciphertext: str) -> str:
-        """The plaintext, or ``InvalidCiphertext`` / ``KeyRetired`` / ``ProviderUnavailable``."""
+    async def decrypt(self, ciphertext: str, context: Context | None = None) -> str:
+        """The plaintext, or ``InvalidCiphertext`` / ``KeyRetired`` / ``ProviderUnavailable``.
+
+        ``InvalidCiphertext`` too when ``context`` is not the one it was made with.
+        """
+
+    async def decrypt_many(
+        self, items: Sequence[tuple[str, Context | None]]
+    ) -> list[str | CitadelError]:
+        """Each item's plaintext or the error its data caused, in order (a batch).
+
+        Errors of the provider itself (``ProviderUnavailable``) are raised, for
+        the whole batch.
+        """

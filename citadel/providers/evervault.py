@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +34,8 @@ from requests.adapters import HTTPAdapter
 
 from citadel.breaker import BreakerOpen, BreakerState, CircuitBreaker
 from citadel.config import Settings
-from citadel.errors import InvalidCiphertext, ProviderUnavailable
+from citadel.context import Context, bind, unbind
+from citadel.errors import CitadelError, InvalidCiphertext, ProviderUnavailable
 from citadel.metrics import Metrics
 
 log = structlog.get_logger("citadel")
@@ -79,6 +80,15 @@ def classify(resp: requests.Response, body: Any = None) -> None:
     if 400 <= status < 500:
         raise _UpstreamRejected()
     raise _UpstreamFailure(f"status {status}")
+
+
+def _as_text(value: Any) -> str:
+    """A decrypted value as the string Citadel encrypted (the SDK types numbers and booleans)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, str | int | float):
+        raise _UpstreamFailure("answer without data")
+    return str(value)
 
 
 def _retry_after(value: str | None) -> int:
@@ -215,12 +225,16 @@ class EvervaultProvider:
 
     # -- operations ----------------------------------------------------------
 
-    async def encrypt(self, plaintext: str) -> str:
-        """Encrypt locally; ``ProviderUnavailable`` until the public key is loaded."""
+    async def encrypt(self, plaintext: str, context: Context | None = None) -> str:
+        """Encrypt locally; ``ProviderUnavailable`` until the public key is loaded.
+
+        With a context, the SDK encrypts the bound form (:func:`citadel.context.bind`):
+        the SDK has no associated data (docs/formats.md).
+        """
         if not self._ready:
             self._count("encrypt", "rejected")
             raise ProviderUnavailable("The Evervault public key is not loaded yet.", retry_after=1)
-        ciphertext = self.encrypt_sync(plaintext)
+        ciphertext = self.encrypt_sync(bind(plaintext, context))
         self._count("encrypt", "ok")
         return ciphertext
 
@@ -230,15 +244,68 @@ class EvervaultProvider:
             ciphertext: str = self._client.encrypt(plaintext, None)
         return ciphertext
 
-    async def decrypt(self, ciphertext: str) -> str:
-        """Ask Evervault in the thread pool, through the breaker; only upstream failures count.
-
-        A malformed ciphertext is refused before any call, and answers the
-        caller is at fault for (rejected, rate-limited) count as successes.
-        """
+    async def decrypt(self, ciphertext: str, context: Context | None = None) -> str:
+        """One call to Evervault; the answer must carry ``context``, else InvalidCiphertext."""
         if not EV_SHAPE.match(ciphertext):
             self._count("decrypt", "invalid")
             raise InvalidCiphertext()
+        plain = await self._call(ciphertext)
+        assert isinstance(plain, str)
+        found = unbind(plain, context)
+        if found is None:
+            raise InvalidCiphertext()
+        return found
+
+    async def decrypt_many(
+        self, items: Sequence[tuple[str, Context | None]]
+    ) -> list[str | CitadelError]:
+        """One call to Evervault for the whole batch when every item decrypts.
+
+        Evervault refuses a call whose data holds one undecryptable item, so a
+        refused call is split in halves and each half asked again, down to the
+        bad items: k bad items among n cost about 2k log2(n) calls more, and
+        never fail the good ones. Malformed items are refused without a call.
+        """
+        results: list[str | CitadelError | None] = [None] * len(items)
+        todo = []
+        for index, (ciphertext, _context) in enumerate(items):
+            if EV_SHAPE.match(ciphertext):
+                todo.append(index)
+            else:
+                self._count("decrypt", "invalid")
+                results[index] = InvalidCiphertext()
+        await self._decrypt_indices(items, todo, results)
+        return [r if r is not None else InvalidCiphertext() for r in results]
+
+    async def _decrypt_indices(
+        self,
+        items: Sequence[tuple[str, Context | None]],
+        todo: list[int],
+        results: list[str | CitadelError | None],
+    ) -> None:
+        if not todo:
+            return
+        try:
+            plains = await self._call([items[i][0] for i in todo])
+        except InvalidCiphertext as err:
+            if len(todo) == 1:
+                results[todo[0]] = err
+                return
+            middle = len(todo) // 2
+            await self._decrypt_indices(items, todo[:middle], results)
+            await self._decrypt_indices(items, todo[middle:], results)
+            return
+        assert isinstance(plains, list)
+        for index, plain in zip(todo, plains, strict=True):
+            found = unbind(plain, items[index][1])
+            results[index] = InvalidCiphertext() if found is None else found
+
+    async def _call(self, data: str | list[str]) -> str | list[str]:
+        """Ask Evervault in the thread pool, through the breaker; only upstream failures count.
+
+        Answers the caller is at fault for (rejected, rate-limited) count as
+        successes for the breaker.
+        """
         try:
             permit = self.breaker.acquire()
         except BreakerOpen as exc:
@@ -246,7 +313,7 @@ class EvervaultProvider:
             raise ProviderUnavailable(retry_after=max(1, round(exc.retry_after))) from None
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._executor, self._decrypt_sync, ciphertext)
+            result = await loop.run_in_executor(self._executor, self._decrypt_sync, data)
         except _UpstreamRejected:
             self.breaker.success(permit)
             self._count("decrypt", "invalid")
@@ -275,19 +342,19 @@ class EvervaultProvider:
         self._count("decrypt", "ok")
         return result
 
-    def _decrypt_sync(self, ciphertext: str) -> str:
+    def _decrypt_sync(self, data: str | list[str]) -> str | list[str]:
         body = self._client.post(
             "decrypt",
-            {"data": ciphertext},
+            {"data": data},
             {"Content-Type": "application/json"},
             error_handler=classify,
         )
-        data = body.get("data") if isinstance(body, dict) else None
-        if not isinstance(data, str | int | float | bool):
-            raise _UpstreamFailure("answer without data")
-        if isinstance(data, bool):
-            return "true" if data else "false"
-        return str(data)
+        answer = body.get("data") if isinstance(body, dict) else None
+        if isinstance(data, str):
+            return _as_text(answer)
+        if not isinstance(answer, list) or len(answer) != len(data):
+            raise _UpstreamFailure("answer without the batch's data")
+        return [_as_text(item) for item in answer]
 
     # -- observation -----------------------------------------------------------
 

@@ -20,22 +20,21 @@ import base64
 import binascii
 import contextlib
 import os
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from citadel.breaker import BreakerState
 from citadel.config import SettingError, Settings
-from citadel.errors import InvalidCiphertext, KeyRetired
+from citadel.context import Context, canonical
+from citadel.errors import CitadelError, InvalidCiphertext, KeyRetired
 from citadel.keyring import KEY_ID, Keyring, KeyringError, create_keyring, load_keyring, resolve
+from citadel.providers.xaes import XAES256GCM
 
 if TYPE_CHECKING:
     from citadel.metrics import Metrics
@@ -45,48 +44,6 @@ log = structlog.get_logger("citadel")
 PREFIX = "cit1"
 NONCE_BYTES = 24
 TAG_BYTES = 16
-
-
-class XAES256GCM:
-    """XAES-256-GCM as specified at c2sp.org/XAES-256-GCM, for one 256-bit key."""
-
-    __slots__ = ("_key", "_local", "_m1_k1", "_m2_k1")
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) != 32:
-            raise ValueError("XAES-256-GCM needs a 32-byte key")
-        self._key = key
-        self._local = threading.local()
-        # K1 is the CMAC subkey: L = AES_K(0^128), doubled in GF(2^128).
-        k1 = int.from_bytes(self._aes_blocks(bytes(16)), "big") << 1
-        if k1 >> 128:
-            k1 = (k1 & ((1 << 128) - 1)) ^ 0x87
-        # M_i xor K1, with the nonce bits still zero: the nonce is xored in per message.
-        self._m1_k1 = int.from_bytes(b"\x00\x01X\x00" + bytes(12), "big") ^ k1
-        self._m2_k1 = int.from_bytes(b"\x00\x02X\x00" + bytes(12), "big") ^ k1
-
-    def _aes_blocks(self, data: bytes) -> bytes:
-        # ECB over whole blocks is the raw block cipher, stateless between
-        # calls, so one encryptor per thread serves every message of that thread.
-        enc = getattr(self._local, "ecb", None)
-        if enc is None:
-            enc = Cipher(algorithms.AES(self._key), modes.ECB()).encryptor()  # noqa: S305
-            self._local.ecb = enc
-        out: bytes = enc.update(data)
-        return out
-
-    def _derive(self, nonce: bytes) -> AESGCM:
-        n = int.from_bytes(nonce[:12], "big")
-        blocks = ((self._m1_k1 ^ n) << 128 | (self._m2_k1 ^ n)).to_bytes(32, "big")
-        return AESGCM(self._aes_blocks(blocks))
-
-    def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        """Seal ``plaintext`` under the key derived from the 24-byte ``nonce``, with ``aad``."""
-        return self._derive(nonce).encrypt(nonce[12:], plaintext, aad)
-
-    def decrypt(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
-        """Open what :meth:`encrypt` sealed; cryptography's ``InvalidTag`` if anything changed."""
-        return self._derive(nonce).decrypt(nonce[12:], ciphertext, aad)
 
 
 # (device, inode, mtime, size, mode, owner) of the file a keyring path resolves
@@ -251,11 +208,23 @@ class LocalProvider:
         """Always closed: there is no upstream to guard."""
         return BreakerState.CLOSED
 
-    async def encrypt(self, plaintext: str) -> str:
+    async def encrypt(self, plaintext: str, context: Context | None = None) -> str:
         """Encrypt under the active key; microseconds of CPU, so it runs on the event loop."""
-        return self.encrypt_sync(plaintext)
+        return self.encrypt_sync(plaintext, context)
 
-    async def decrypt(self, ciphertext: str) -> str:
+    async def decrypt_many(
+        self, items: Sequence[tuple[str, Context | None]]
+    ) -> list[str | CitadelError]:
+        """Each item decrypted in turn (each is microseconds): a value or its own error."""
+        results: list[str | CitadelError] = []
+        for ciphertext, context in items:
+            try:
+                results.append(await self.decrypt(ciphertext, context))
+            except (InvalidCiphertext, KeyRetired) as err:
+                results.append(err)
+        return results
+
+    async def decrypt(self, ciphertext: str, context: Context | None = None) -> str:
         """Decrypt under the key the header names; an unknown key id rereads the file first.
 
         A key added to the file since it was read (a rotation seen by another
@@ -271,13 +240,15 @@ class LocalProvider:
                 cipher = view.ciphers.get(kid)
             if cipher is None:
                 raise KeyRetired() if kid in view.retired else InvalidCiphertext()
-        return self._open(kid, cipher, body)
+        return self._open(kid, cipher, body, context)
 
-    def encrypt_sync(self, plaintext: str) -> str:
+    def encrypt_sync(self, plaintext: str, context: Context | None = None) -> str:
         """:meth:`encrypt` without the coroutine, for callers that run no event loop."""
         view = self._view
         nonce = os.urandom(NONCE_BYTES)
-        sealed = view.active_cipher.encrypt(nonce, plaintext.encode(), view.header_bytes)
+        sealed = view.active_cipher.encrypt(
+            nonce, plaintext.encode(), _associated(view.header_bytes, context)
+        )
         return view.header + _b64(nonce + sealed)
 
     def decrypt_sync(self, ciphertext: str) -> str:
@@ -289,7 +260,9 @@ class LocalProvider:
             raise KeyRetired() if kid in view.retired else InvalidCiphertext()
         return self._open(kid, cipher, body)
 
-    def _open(self, kid: str, cipher: XAES256GCM, body: str) -> str:
+    def _open(
+        self, kid: str, cipher: XAES256GCM, body: str, context: Context | None = None
+    ) -> str:
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
@@ -298,9 +271,9 @@ class LocalProvider:
         # the same message (base64's spare trailing bits would allow it).
         if len(raw) < NONCE_BYTES + TAG_BYTES or _b64(raw) != body:
             raise InvalidCiphertext()
-        header = f"{PREFIX}:{kid}:".encode()
+        aad = _associated(f"{PREFIX}:{kid}:".encode(), context)
         try:
-            plain = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], header).decode()
+            plain = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad).decode()
         except (InvalidTag, UnicodeDecodeError):
             raise InvalidCiphertext() from None
         child = self._counts.get(kid)
@@ -385,6 +358,16 @@ class LocalProvider:
             in_force=sorted(ring.decrypting()),
             retired=sorted(ring.retired_ids()),
         )
+
+
+def _associated(header: bytes, context: Context | None) -> bytes:
+    """The AEAD's associated data: the header, then (with a context) NUL and its canonical bytes.
+
+    Without a context it is the header alone, exactly as before contexts
+    existed, so every older ciphertext decrypts unchanged; the header holds no
+    NUL, so no context can be confused with a longer header.
+    """
+    return header if not context else header + b"\x00" + canonical(context)
 
 
 def _split(ciphertext: str) -> tuple[str, str]:
