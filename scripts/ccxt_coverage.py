@@ -396,6 +396,14 @@ FORM_NAMES = {
 }
 
 
+def _main_reasons(reasons: dict[str, str]) -> list[str]:
+    """The reasons to show: NotCovered's own where there are any (other forms merely differ)."""
+    every = sorted(set(reasons.values()))
+    vague = ("the request differs", "async: the request differs", "ccxt raises")
+    specific = [r for r in every if not r.startswith(vague)]
+    return specific or every
+
+
 def table(result: dict[str, Any]) -> str:
     exchanges = result["exchanges"]
     covered = sum(v["status"] == "covered" for v in exchanges.values())
@@ -408,7 +416,7 @@ def table(result: dict[str, Any]) -> str:
     for exchange_id, v in exchanges.items():
         forms = ", ".join(FORM_NAMES[f] for f in v["forms"]) or "—"
         algorithms = ", ".join(f"`{a}`" for a in v["algorithms"]) or "—"
-        why = "; ".join(sorted(set(v["reasons"].values())))
+        why = "; ".join(_main_reasons(v["reasons"]))
         mark = "yes" if v["status"] == "covered" else "no"
         rows.append(f"| `{exchange_id}` | {mark} | {forms} | {algorithms} | {why} |")
     return "\n".join(rows)

@@ -531,3 +531,29 @@ def test_kraken_published_example_signature_through_the_adapter(served: Served) 
     )
     assert headers["API-Sign"] == KRAKEN_DOC_SIGNATURE
     assert base64.b64decode(headers["API-Sign"])  # well-formed
+
+
+def test_ccxts_classes_and_other_objects_keep_their_own_primitives(
+    served: Served, ct: dict[str, str]
+) -> None:
+    """The primitives are replaced on the adapted instance alone, sync and async."""
+    from ccxt.base.exchange import Exchange
+
+    names = ("hmac", "rsa", "eddsa", "ecdsa", "jwt", "hash", "sign", "fetch")
+    before = {n: (getattr(ccxt.binance, n), getattr(ccxt_async.binance, n)) for n in names}
+    with CitadelClient(served.url, api_key=KEYS["conductor"]) as conductor:
+        adapted = exchange("binance", conductor, {**CONFIG, "secret": ct["text"]})
+        aadapted = async_exchange(
+            "binance", AsyncCitadelClient(served.url, api_key="k"), {**CONFIG, "secret": ct["text"]}
+        )
+    after = {n: (getattr(ccxt.binance, n), getattr(ccxt_async.binance, n)) for n in names}
+    assert before == after
+    assert ccxt.binance.hmac is Exchange.hmac
+    assert isinstance(adapted, ccxt.binance) and isinstance(aadapted, ccxt_async.binance)
+    assert type(adapted) is not ccxt.binance and "hmac" in vars(adapted)
+    plain = ccxt.binance({**CONFIG, "secret": SECRETS["text"]})
+    assert "hmac" not in vars(plain)
+    assert (
+        plain.hmac(b"m", SECRETS["text"].encode())
+        == hmac.new(SECRETS["text"].encode(), b"m", "sha256").hexdigest()
+    )

@@ -47,7 +47,7 @@ import re
 import threading
 import urllib.parse
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -758,10 +758,31 @@ def _check_context_support(client: object, context: object) -> None:
         raise NotCovered("This citadel-client cannot send an encryption context (citadel_context).")
 
 
+def _texts(value: Any) -> Iterator[str]:
+    """The strings of a request part: itself, a dict's keys and values, bytes decoded."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, bytes | bytearray):
+        yield bytes(value).decode("utf-8", "replace")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _texts(item)
+
+
 def _refuse_secret_in_request(signer: _Signer, request: Mapping[str, Any]) -> None:
-    text = str(request.get("url", "")) + repr(request.get("headers")) + repr(request.get("body"))
+    """NotCovered when the request carries a credential's stand-in (ccxt sends it as it is)."""
+    texts = list(_texts([request.get("url"), request.get("headers"), request.get("body")]))
     for cred in signer.credentials.values():
-        if cred.stand_in in text or urllib.parse.quote(cred.stand_in, safe="") in text:
+        forms = {
+            cred.stand_in,
+            urllib.parse.quote(cred.stand_in, safe=""),
+            urllib.parse.quote_plus(cred.stand_in),
+        }
+        if any(form in text for form in forms for text in texts):
             raise NotCovered(
                 f"{signer.ex.id} sends its {cred.name} itself, which Citadel never gives out."
             )
