@@ -107,16 +107,39 @@ class RefusalLog:
 
 
 def _tls_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
-    """The TLS protocol ``loop.create_server(ssl=...)`` itself would use."""
+    """The TLS protocol ``loop.create_server(ssl=...)`` itself would use, noting the peer."""
+    base: Any = asyncio.sslproto.SSLProtocol
     try:
         import uvloop
         from uvloop.loop import SSLProtocol as UvloopSSLProtocol  # type: ignore[attr-defined]
 
         if isinstance(loop, uvloop.Loop):
-            return UvloopSSLProtocol
+            base = UvloopSSLProtocol
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         pass
-    return asyncio.sslproto.SSLProtocol
+    if base not in _WITH_PEER:
+        _WITH_PEER[base] = _noting_peer(base)
+    return _WITH_PEER[base]
+
+
+_WITH_PEER: dict[Any, Any] = {}
+
+
+def _noting_peer(base: Any) -> Any:
+    """``base`` with the peer's address noted as the connection is made.
+
+    A subclass rather than a wrapper: uvloop's transport then still talks to
+    its own TLS protocol directly, at no cost per read.
+    """
+
+    class NotingPeer(base):  # type: ignore[misc]
+        citadel_peer = "unknown"
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.citadel_peer = _address(transport)
+            super().connection_made(transport)
+
+    return NotingPeer
 
 
 def _address(transport: asyncio.BaseTransport) -> str:
@@ -171,11 +194,10 @@ class TlsListener:
             ssl_handshake_timeout=self.header_timeout_s,
             ssl_shutdown_timeout=self.header_timeout_s,
         )
-        watched = _Peer(tls)
-        handshake.add_done_callback(lambda done: self._handshake_done(done, watched))
-        return watched
+        handshake.add_done_callback(lambda done: self._handshake_done(done, tls))
+        return tls  # type: ignore[no-any-return]
 
-    def _handshake_done(self, done: asyncio.Future[None], peer: _Peer) -> None:
+    def _handshake_done(self, done: asyncio.Future[None], tls: Any) -> None:
         if done.cancelled():
             return
         exc = done.exception()  # retrieved here, so asyncio never reports it
@@ -183,29 +205,7 @@ class TlsListener:
             return
         reason = refusal_reason(exc)
         if reason is not None:
-            self.refusals.refused(peer.address, reason)
-
-
-class _Peer(asyncio.BufferedProtocol):
-    """The TLS protocol, with the peer's address noted as the connection is made.
-
-    Only ``connection_made`` is its own; everything else is the TLS protocol's,
-    bound once, so reading and writing cost no extra call.
-    """
-
-    def __init__(self, tls: Any) -> None:
-        self.address = "unknown"
-        self._tls = tls
-        self.get_buffer = tls.get_buffer  # type: ignore[method-assign]
-        self.buffer_updated = tls.buffer_updated  # type: ignore[method-assign]
-        self.eof_received = tls.eof_received  # type: ignore[method-assign]
-        self.connection_lost = tls.connection_lost  # type: ignore[method-assign]
-        self.pause_writing = tls.pause_writing  # type: ignore[method-assign]
-        self.resume_writing = tls.resume_writing  # type: ignore[method-assign]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.address = _address(transport)
-        self._tls.connection_made(transport)
+            self.refusals.refused(tls.citadel_peer, reason)
 
 
 def _guarded_protocol() -> Callable[..., asyncio.Protocol]:
