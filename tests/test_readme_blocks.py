@@ -157,4 +157,5 @@ def test_readme_block_runs_with_the_client_alone(
     assert run.stderr == "", run.stderr
     assert CANARY_SECRET not in run.stdout + run.stderr
     for event in readme_citadel.audit.events()[before:]:
-        assert event["success"], (block.name, event)
+        # Only a batch's item may fail, where a block shows a per-item error on purpose.
+        assert event["success"] or "batch_index" in event, (block.name, event)
