@@ -40,6 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from citadel.http import framing, refusals, request_ids
 from citadel.http.refusals import Refusal
+from citadel.http.response_transport import ResponseTransport
 from citadel.tls import PEER_IDENTITIES, peer_identities
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -65,28 +66,6 @@ def head_deadline_s(app: object) -> float:
         if app is None:
             break
     return DEFAULT_HEAD_DEADLINE_S
-
-
-class _ResponseTransport:
-    """The transport a request's cycle writes to; its ``close`` may linger first."""
-
-    __slots__ = ("_protocol", "_transport")
-
-    def __init__(self, protocol: GuardedHttpToolsProtocol, transport: asyncio.Transport) -> None:
-        self._protocol = protocol
-        self._transport = transport
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(data)
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def close(self) -> None:
-        self._protocol.close_after_response()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -116,7 +95,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._lingering = False
         self._linger_left = 0
         self._linger_timer: asyncio.TimerHandle | None = None
-        self._response_transport: _ResponseTransport | None = None
+        self._response_transport: ResponseTransport | None = None
         # A refusal of a pipelined head, sent once the answer before it is out.
         self._deferred: Refusal | None = None
         # Once anything is refused, nothing more of this connection is served.
@@ -129,7 +108,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # A TLS client certificate's names, for the pipeline's caller binding.
         self._tls_peer = peer_identities(transport)
-        self._response_transport = _ResponseTransport(self, transport)
+        self._response_transport = ResponseTransport(self, transport)
         # The deadline of the first head runs from the connection, not its first
         # byte: a connection that never sends one must not be held forever.
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
