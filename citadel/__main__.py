@@ -1,3 +1,5 @@
+"""``python -m citadel``: the same command as ``citadel``."""
+
 import sys
 
 from citadel.cli import main

@@ -142,9 +142,7 @@ def create_app(
     vault = Vault(encryptor, decryptors, settings.max_plaintext_bytes)
     app.add_middleware(
         Pipeline,
-        operations=Operations(
-            vault, settings.max_sign_message_bytes, settings.max_batch_items
-        ),
+        operations=Operations(vault, settings.max_sign_message_bytes, settings.max_batch_items),
         authenticator=authenticator,
         audit=audit,
         metrics=metrics,

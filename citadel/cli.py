@@ -36,6 +36,7 @@ def _settings() -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``citadel serve``: check the set-up and the address first, then hand the app to uvicorn."""
     import uvicorn
 
     from citadel.app import create_app
@@ -162,12 +163,14 @@ def _cannot_listen(host: str, port: int) -> str | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """``citadel check``: try everything ``serve`` needs without listening; one line per item."""
     from citadel.check import run as run_check
 
     return run_check(as_json=args.json)
 
 
 def cmd_keygen(_args: argparse.Namespace) -> int:
+    """``citadel keygen``: a fresh API key and its ``sha256:`` form for ``CITADEL_API_KEYS``."""
     from citadel.security import new_api_key
 
     key, hashed = new_api_key()
@@ -177,6 +180,7 @@ def cmd_keygen(_args: argparse.Namespace) -> int:
 
 
 def cmd_audit_pseudonym(args: argparse.Namespace) -> int:
+    """``citadel audit-pseudonym``: the pseudonym a user id has in audit lines."""
     from citadel.pseudonyms import Pseudonymizer, pseudonym_key
 
     settings = _settings()
@@ -246,6 +250,7 @@ def _show(path: Path, *, as_json: bool = False) -> None:
 
 
 def cmd_keyring(args: argparse.Namespace) -> int:
+    """``citadel keyring ...``: the keyring's lifecycle commands, each an atomic replace."""
     path = _keyring_path(args)
     action: str = args.action
     key_id: str = getattr(args, "key_id", "")
@@ -294,6 +299,7 @@ def cmd_keyring(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser, every subcommand with its options and defaults."""
     from citadel.status import VERSION
 
     parser = argparse.ArgumentParser(prog="citadel", description="Citadel credential vault.")
@@ -351,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``citadel`` command: run one subcommand and return its exit status."""
     args = build_parser().parse_args(argv)
     if getattr(args, "workers", 1) < 1:
         return _fail("--workers must be at least 1")

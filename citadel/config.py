@@ -222,6 +222,7 @@ class Settings(BaseSettings):
 
     @property
     def trusted_proxies(self) -> tuple[Network, ...]:
+        """``CITADEL_TRUSTED_PROXIES`` as networks, parsed once."""
         return networks(self.trusted_proxies_raw) if self.trusted_proxies_raw else ()
 
     @property

@@ -62,6 +62,7 @@ class Authenticator:
 
     @classmethod
     def build(cls, keys: dict[str, list[str]], acl: dict[str, list[Operation]]) -> Authenticator:
+        """An authenticator for these callers' keys and this ACL (keys stored as SHA-256 only)."""
         return cls(_digests(keys), {c: frozenset(ops) for c, ops in acl.items()})
 
     def replace_keys(self, keys: dict[str, list[str]]) -> None:
@@ -73,6 +74,7 @@ class Authenticator:
 
     @property
     def callers(self) -> frozenset[str]:
+        """The names of the callers that have keys."""
         return frozenset(self._by_digest.values())
 
     def caller_for(self, presented: bytes | None) -> str | None:
@@ -82,6 +84,7 @@ class Authenticator:
         return self._by_digest.get(hashlib.sha256(presented).digest())
 
     def allowed(self, caller: str, operation: str) -> bool:
+        """Whether the ACL gives ``caller`` the operation."""
         return operation in self._acl.get(caller, frozenset())
 
 
@@ -159,10 +162,12 @@ class KeyFileWatcher:
         return (st.st_mtime, st.st_size, st.st_ino, st.st_mode, st.st_uid) if st else None
 
     async def start(self) -> None:
+        """Start following ``CITADEL_API_KEYS_FILE``, when one is set."""
         if self._settings.api_keys_file is not None:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def aclose(self) -> None:
+        """Stop following the keys file."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -53,8 +53,7 @@ _OWN_FIELDS = frozenset(
     }
 )
 CONTEXT_RULE = (
-    "an object of 1 to 16 pairs, keys of 1 to 64 of A-Za-z0-9_.- and values of "
-    "1 to 256 UTF-8 bytes"
+    "an object of 1 to 16 pairs, keys of 1 to 64 of A-Za-z0-9_.- and values of 1 to 256 UTF-8 bytes"
 )
 NonEmpty = Annotated[str, Field(min_length=1)]
 _STRICT = ConfigDict(extra="forbid", strict=True, frozen=True)

@@ -233,9 +233,7 @@ class Operations:
                 audit = _fp(job.ciphertext)
                 audit["algorithm"] = job.algorithm
                 audit["msg_fp"] = fingerprint(job.message)
-                done.append(
-                    _item(result, "signature", _with_context(audit, job.context), batched)
-                )
+                done.append(_item(result, "signature", _with_context(audit, job.context), batched))
             return Outcome(tuple(done), batched)
 
         return Call(len(items), run)

@@ -260,9 +260,7 @@ class LocalProvider:
             raise KeyRetired() if kid in view.retired else InvalidCiphertext()
         return self._open(kid, cipher, body)
 
-    def _open(
-        self, kid: str, cipher: XAES256GCM, body: str, context: Context | None = None
-    ) -> str:
+    def _open(self, kid: str, cipher: XAES256GCM, body: str, context: Context | None = None) -> str:
         try:
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         except (binascii.Error, ValueError):
