@@ -9,6 +9,8 @@ by wrk (``apt-get install wrk``), one thread:
   connection, TLS a TCP connection and a full TLS 1.3 handshake (wrk resumes
   no session), so the difference is the server's cost of a full handshake.
 
+For reference, the same app under uvicorn's own TLS (``ssl_certfile=``, no
+handshake deadline, no reload) with keep-alive: the cost of Citadel's listener.
 It then times full handshakes one at a time from Python (client and server
 on one machine: an upper bound of the latency a handshake adds).
 
@@ -80,6 +82,40 @@ def citadel(work: Path, env: dict[str, str], scheme: str, ca: Path | None) -> It
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"citadel did not start: {log.read_text()}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+@contextmanager
+def uvicorn_tls(work: Path, env: dict[str, str], cert: Path, key: Path, ca: Path) -> Iterator[str]:
+    """The same app and protocol under uvicorn's own TLS, for reference."""
+    port = free_port()
+    code = (
+        "import uvicorn\n"
+        "from citadel.http.serving import uvicorn_options\n"
+        f"uvicorn.run('citadel.app:app_from_env', factory=True, host='127.0.0.1', port={port},"
+        f" ssl_certfile={str(cert)!r}, ssl_keyfile={str(key)!r}, **uvicorn_options())\n"
+    )
+    log = work / "uvicorn-tls.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        context = ssl.create_default_context(cafile=str(ca))
+        while True:
+            try:
+                if httpx.get(url + "/health", verify=context, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start: {log.read_text()}")
             time.sleep(0.1)
         yield url
     finally:
@@ -176,13 +212,21 @@ def main() -> None:
                 if scheme == "https":
                     port = int(url.rsplit(":", 1)[1])
                     tcp, tls = handshakes(port, ca, args.handshakes)
-    print(f"\n{'POST /encrypt':42} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for r in rows:
-        print(f"{r.name:42} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:7d}")
+        with uvicorn_tls(work, plain_env, cert, key, ca) as url:
+            wrk(url, 2, args.connections, close=False)  # warm-up
+            reference = wrk(url, args.duration, args.connections, close=False)
+            reference.name = "uvicorn's own TLS (reference), keep-alive"
+    print(f"\n{'POST /encrypt':44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for r in [*rows, reference]:
+        print(f"{r.name:44} {r.rps:9.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:7d}")
     plain_ka, plain_close, tls_ka, tls_close = rows
     print(
         f"\nkeep-alive: TLS serves {tls_ka.rps / plain_ka.rps:.0%} of plain HTTP's req/s, "
         f"p99 {tls_ka.p99_ms / plain_ka.p99_ms:.2f}x"
+    )
+    print(
+        f"Citadel's listener against uvicorn's own TLS, keep-alive: {tls_ka.rps / reference.rps:.0%}"
+        f" of its req/s, p99 {tls_ka.p99_ms / reference.p99_ms:.2f}x (one run each: noisy)"
     )
     per_handshake_ms = (1 / tls_close.rps - 1 / plain_close.rps) * 1000
     print(
