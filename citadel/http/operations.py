@@ -14,11 +14,12 @@ audit fields it carries (fingerprints, the algorithm, the context's keys).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from pydantic import BaseModel
 
 from citadel import signing
 from citadel.context import keys
@@ -49,6 +50,7 @@ PATHS = {"/encrypt": "encrypt", "/decrypt": "decrypt", "/sign": "sign", "/rewrap
 # The errors an item's own data causes: the only ones a batch answers per item.
 ITEM_ERRORS = (InvalidCiphertext, KeyRetired, InvalidKey)
 Audit = dict[str, Any]
+Single = TypeVar("Single", bound=BaseModel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,17 +134,23 @@ class Operations:
         """Parse and check the body of ``operation`` (a value of :data:`PATHS`), single or batch."""
         return self._preparers[operation](raw)
 
-    def _items(self, batch: Sequence[Any]) -> None:
-        if len(batch) > self._max_items:
+    def _items(
+        self, raw: bytes, single: type[Single], batch: type[BaseModel]
+    ) -> tuple[list[Single], bool]:
+        """The body's items (one for the single form), and whether it was a batch."""
+        request = parse(raw, single, batch)
+        if isinstance(request, single):
+            return [request], False
+        items: list[Single] = request.batch  # type: ignore[attr-defined]
+        if len(items) > self._max_items:
             raise InvalidRequest(f"The batch has more than {self._max_items} items.")
+        return items, True
 
     # -- encrypt -----------------------------------------------------------------------------------
 
     def encrypt(self, raw: bytes) -> Call:
         """``/encrypt``: each plaintext's ciphertext (limits checked for every item first)."""
-        request = parse(raw, EncryptRequest, EncryptBatch)
-        items = request.batch if isinstance(request, EncryptBatch) else [request]
-        self._items(items)
+        items, batched = self._items(raw, EncryptRequest, EncryptBatch)
         for item in items:
             self.vault.check_plaintext(item.plaintext)
 
@@ -152,7 +160,7 @@ class Operations:
                 ciphertext = await self.vault.encrypt(item.plaintext, item.context)
                 audit = _with_context({"ct_fp": fingerprint(ciphertext)}, item.context)
                 done.append(Item({"encrypted_data": ciphertext}, None, audit))
-            return Outcome(tuple(done), isinstance(request, EncryptBatch))
+            return Outcome(tuple(done), batched)
 
         return Call(len(items), run)
 
@@ -160,17 +168,13 @@ class Operations:
 
     def decrypt(self, raw: bytes) -> Call:
         """``/decrypt``: each plaintext (sent with ``Cache-Control: no-store``)."""
-        request = parse(raw, DecryptRequest, DecryptBatch)
-        items = request.batch if isinstance(request, DecryptBatch) else [request]
-        self._items(items)
+        items, batched = self._items(raw, DecryptRequest, DecryptBatch)
 
         async def run() -> Outcome:
-            batched = isinstance(request, DecryptBatch)
             pairs = [(item.encrypted_data, item.context) for item in items]
-            if batched:
-                found = await self.vault.decrypt_many(pairs)
-            else:
-                found = [await _one(self.vault.decrypt(*pairs[0]))]
+            found = await _found(
+                batched, self.vault.decrypt_many, lambda pair: self.vault.decrypt(*pair), pairs
+            )
             done = [
                 _item(result, "plaintext", _with_context(_fp(ct), ctx), batched)
                 for (ct, ctx), result in zip(pairs, found, strict=True)
@@ -183,12 +187,9 @@ class Operations:
 
     def rewrap(self, raw: bytes) -> Call:
         """``/rewrap``: each plaintext under the active key, bound to the same or a new context."""
-        request = parse(raw, RewrapRequest, RewrapBatch)
-        items = request.batch if isinstance(request, RewrapBatch) else [request]
-        self._items(items)
+        items, batched = self._items(raw, RewrapRequest, RewrapBatch)
 
         async def run() -> Outcome:
-            batched = isinstance(request, RewrapBatch)
             triples = [
                 (
                     item.encrypted_data,
@@ -197,10 +198,9 @@ class Operations:
                 )
                 for item in items
             ]
-            if batched:
-                found = await self.vault.rewrap_many(triples)
-            else:
-                found = [await _one(self.vault.rewrap(*triples[0]))]
+            found = await _found(
+                batched, self.vault.rewrap_many, lambda each: self.vault.rewrap(*each), triples
+            )
             done = []
             for (ct, ctx, target), result in zip(triples, found, strict=True):
                 audit = _with_context(_fp(ct), ctx)
@@ -217,17 +217,11 @@ class Operations:
 
     def sign(self, raw: bytes) -> Call:
         """``/sign``: each signature by the secret inside its ciphertext; only signatures leave."""
-        request = parse(raw, SignRequest, SignBatch)
-        items = request.batch if isinstance(request, SignBatch) else [request]
-        self._items(items)
+        items, batched = self._items(raw, SignRequest, SignBatch)
         jobs = [self._job(item) for item in items]
 
         async def run() -> Outcome:
-            batched = isinstance(request, SignBatch)
-            if batched:
-                found = await self.vault.sign_many(jobs)
-            else:
-                found = [await _one(self.vault.sign(jobs[0]))]
+            found = await _found(batched, self.vault.sign_many, self.vault.sign, jobs)
             done = []
             for job, result in zip(jobs, found, strict=True):
                 audit = _fp(job.ciphertext)
@@ -258,12 +252,23 @@ def _fp(ciphertext: str) -> Audit:
     return {"ct_fp": fingerprint(ciphertext)}
 
 
-async def _one(result: Awaitable[str]) -> str | CitadelError:
-    """A single-form result: its value, or its error (kept, so the audit line has its fields)."""
+async def _found(
+    batched: bool,
+    many: Callable[[list[Any]], Awaitable[list[str | CitadelError]]],
+    one: Callable[[Any], Awaitable[str]],
+    args: list[Any],
+) -> list[str | CitadelError]:
+    """The vault's results: ``many`` for a batch; for the single form ``one``, its error kept.
+
+    The single form's error is returned, not raised, so its audit line still
+    has the fields known before it (the ciphertext's fingerprint).
+    """
+    if batched:
+        return await many(args)
     try:
-        return await result
+        return [await one(args[0])]
     except CitadelError as err:
-        return err
+        return [err]
 
 
 def _item(result: str | CitadelError, field: str, audit: Audit, batch: bool) -> Item:
