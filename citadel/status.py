@@ -69,6 +69,11 @@ class StatusReport:
     def refresh_gauges(self) -> None:
         """Set the breaker and limiter gauges from the live parts, so a scrape sees them now."""
         for provider in self.providers:
-            self.metrics.breaker_state.labels(provider.name).set(provider.breaker_state().gauge)
+            # Only a provider with a breaker has a series: a constant 0 for the
+            # local keyring would say there is a breaker to watch.
+            if provider.has_breaker:
+                self.metrics.breaker_state.labels(provider.name).set(
+                    provider.breaker_state().gauge
+                )
         if self.limiter is not None:
             self.metrics.limiter_degraded.set(1 if self.limiter.degraded else 0)

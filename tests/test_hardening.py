@@ -650,6 +650,7 @@ class ExplodingProvider:
 
     name = "local"
     prefix = "cit1:"
+    has_breaker = False
 
     async def start(self) -> None:
         pass

@@ -15,6 +15,7 @@ class Provider(Protocol):
 
     name: str
     prefix: str  # what every ciphertext this provider makes starts with
+    has_breaker: bool  # whether citadel_breaker_state has a series for it
 
     async def start(self) -> None:
         """Acquire keys or connections; must not block start-up on a remote service."""

@@ -106,6 +106,7 @@ class EvervaultProvider:
 
     name = "evervault"
     prefix = "ev:"
+    has_breaker = True
 
     def __init__(
         self,

@@ -120,6 +120,7 @@ class LocalProvider:
 
     name = "local"
     prefix = f"{PREFIX}:"
+    has_breaker = False
 
     def __init__(
         self,
