@@ -973,3 +973,25 @@ def test_a_duplicated_key_is_refused_on_the_fast_path_too(text: str) -> None:
     with pytest.raises(bulk.LineError) as exc:
         bulk.parse_line(text)
     assert exc.value.code == "invalid_line"
+
+
+def test_a_named_pipe_on_a_terminal_is_not_counted_ahead(
+    tmp_path: Path, key_file: Path, fake_server: tuple[FakeCitadel, str]
+) -> None:
+    """Counting would read the pipe away: the status line then shows lines done, no total."""
+    _, url = fake_server
+    fifo = tmp_path / "export.fifo"
+    os.mkfifo(fifo)
+    lines = make_input(5)
+
+    def feed() -> None:
+        with open(fifo, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    code, text, _ = run_tool(url, key_file, str(fifo), "-o", str(tmp_path / "o"), stderr=Terminal())
+    writer.join(10)
+    assert code == 0, text
+    assert read_lines(tmp_path / "o") == [rewrapped(line) for line in lines]
+    assert "\rcitadel rewrap: 5 lines, " in text and " of " not in text.split(";")[0]

@@ -9,6 +9,7 @@ import functools
 import os
 import signal
 import ssl
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -353,7 +354,8 @@ def _execute(
                 source: IO[bytes] = stack.enter_context(open(args.input, "rb"))
             except OSError as exc:
                 raise UsageError(f"cannot read {args.input}: {exc.strerror}") from None
-            seekable = True
+            # A named pipe (`<(psql ...)`, /dev/stdin) cannot be counted ahead: only a file.
+            seekable = stat.S_ISREG(os.fstat(source.fileno()).st_mode)
         else:
             source, seekable = stdin or sys.stdin.buffer, False
 

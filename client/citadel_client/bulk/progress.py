@@ -85,6 +85,7 @@ class Progress:
         self._noticed_reason = ""
         self._logged_at = self._started
         self._width = 0
+        self._closed = False
 
     def waiting(self, err: CitadelError, seconds: float) -> None:
         """A call waits ``seconds`` before retrying after ``err``: show it, count it down."""
@@ -141,12 +142,13 @@ class Progress:
             self.draw()
 
     def close(self) -> None:
-        """End the status line, so that the summary starts on a line of its own."""
-        if self._terminal and self._width:
+        """Draw the last status and end its line, so that the summary has a line of its own
+        (once: a second call does nothing)."""
+        if self._terminal and not self._closed:
+            self._closed = True
             self.draw()
             self._err.write("\n")
             self._err.flush()
-            self._width = 0
 
 
 def _seconds(value: float) -> str:
