@@ -249,14 +249,17 @@ def test_a_refused_client_certificate_is_logged_with_the_peer_address(tmp_path: 
                     httpx.get(url + "/health", verify=client_context(ca_file), timeout=2)
 
         threads = [threading.Thread(target=hammer) for _ in range(2)]
+        started = time.monotonic()
         for t in threads:
             t.start()
-        time.sleep(1.5)  # a burst of refusals (not an assertion on time)
+        time.sleep(1.5)  # a burst of refusals
         stop.set()
         for t in threads:
             t.join()
+        seconds = time.monotonic() - started
     refused = [x for x in log_lines(log) if x["event"] == "tls_handshake_refused"]
     assert refused and all(x["peer"] == "127.0.0.1" for x in refused)
     assert refused[0]["reason"] == "no_client_certificate"
     # A burst of many refusals from one address: a line a second at most.
-    assert len(refused) <= 3
+    assert len(refused) <= int(seconds) + 1
+    assert sum(int(x["not_logged_since_last"]) for x in refused) > 0  # others were counted
