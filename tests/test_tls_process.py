@@ -263,3 +263,16 @@ def test_a_refused_client_certificate_is_logged_with_the_peer_address(tmp_path: 
     # A burst of many refusals from one address: a line a second at most.
     assert len(refused) <= int(seconds) + 1
     assert sum(int(x["not_logged_since_last"]) for x in refused) > 0  # others were counted
+
+
+def test_check_refuses_an_expired_server_certificate_that_serve_would_hand_out(
+    tmp_path: Path,
+) -> None:
+    ca = Authority.make()
+    env = tls_env(tmp_path, ca)
+    cert, key = ca.server(expired=True).write(tmp_path, "expired")
+    env.update(CITADEL_TLS_CERT_FILE=str(cert), CITADEL_TLS_KEY_FILE=str(key))
+    result = run(["check"], tmp_path, **env)
+    assert result.returncode == 2
+    line = next(x for x in result.stdout.splitlines() if x.startswith("tls: "))
+    assert "CITADEL_TLS_CERT_FILE" in line and "expired" in line
