@@ -995,3 +995,29 @@ def test_a_named_pipe_on_a_terminal_is_not_counted_ahead(
     assert code == 0, text
     assert read_lines(tmp_path / "o") == [rewrapped(line) for line in lines]
     assert "\rcitadel rewrap: 5 lines, " in text and " of " not in text.split(";")[0]
+
+
+def test_a_binding_run_resumes_with_only_the_remaining_lines(
+    tmp_path: Path, key_file: Path
+) -> None:
+    lines = make_input(1200)
+    src = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    bind = ("--new-context-from", "user_id=id", "--batch-size", "50")
+    with serve_app(FakeCitadel(fail_after=500)) as url:
+        # One lane, so that the batches are answered in order until the break.
+        first = run_tool(url, key_file, str(src), "--output", str(out), "--concurrency", "1", *bind)
+        assert first[0] == 2
+    kept = len(read_lines(tmp_path / "out.jsonl.partial"))
+    assert 0 < kept <= 500
+
+    fake = FakeCitadel()
+    with serve_app(fake) as url:
+        code, err, _ = run_tool(url, key_file, str(src), "--output", str(out), "--resume", *bind)
+
+    assert code == 0, err
+    assert fake.answered == 1200 - kept
+    sent = [item for body in fake.bodies for item in body.get("batch", [body])]
+    # Each remaining line bound to its own id (a batch refused with 429 was sent again).
+    assert {int(item["new_context"]["user_id"]) for item in sent} == set(range(kept + 1, 1201))
+    assert read_lines(out) == [rewrapped(line) for line in lines]
