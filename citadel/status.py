@@ -72,8 +72,6 @@ class StatusReport:
             # Only a provider with a breaker has a series: a constant 0 for the
             # local keyring would say there is a breaker to watch.
             if provider.has_breaker:
-                self.metrics.breaker_state.labels(provider.name).set(
-                    provider.breaker_state().gauge
-                )
+                self.metrics.breaker_state.labels(provider.name).set(provider.breaker_state().gauge)
         if self.limiter is not None:
             self.metrics.limiter_degraded.set(1 if self.limiter.degraded else 0)
