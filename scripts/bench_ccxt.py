@@ -122,7 +122,7 @@ def bench_sync(url: str, key: str, ct: str, n: int) -> tuple[list[float], float]
 
 
 async def bench_async(
-    url: str, key: str, ct: str, n: int, tasks: int, connections: int
+    url: str, key: str, ct: str, n: int, tasks: int, connections: int, batch: bool = False
 ) -> tuple[list[float], float]:
     path, api, method = ENDPOINT
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -131,7 +131,13 @@ async def bench_async(
         ex = async_exchange(
             "binance",
             client,
-            {"apiKey": "k", "secret": ct, "citadel_form": "base64", "enableRateLimit": False},
+            {
+                "apiKey": "k",
+                "secret": ct,
+                "citadel_form": "base64",
+                "citadel_batch": batch,
+                "enableRateLimit": False,
+            },
         )
         samples: list[float] = []
 
@@ -168,16 +174,20 @@ def main(argv: list[str] | None = None) -> int:
             rows: list[tuple[str, list[float], float]] = []
             rows.append(("plain ccxt, local HMAC", *bench_plain(args.requests)))
             rows.append(("adapter, sync", *bench_sync(url, keys["conductor"], ct, args.requests)))
-            rows.append(
-                (
-                    f"adapter, async, {args.tasks} tasks",
-                    *asyncio.run(
-                        bench_async(
-                            url, keys["conductor"], ct, args.requests, args.tasks, args.connections
-                        )
-                    ),
+            for batch in (False, True):
+                name = f"adapter, async, {args.tasks} tasks" + (", citadel_batch" if batch else "")
+                samples, elapsed = asyncio.run(
+                    bench_async(
+                        url,
+                        keys["conductor"],
+                        ct,
+                        args.requests,
+                        args.tasks,
+                        args.connections,
+                        batch,
+                    )
                 )
-            )
+                rows.append((name, samples, elapsed))
         finally:
             proc.terminate()
             proc.wait(10)

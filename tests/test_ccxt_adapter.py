@@ -557,3 +557,76 @@ def test_ccxts_classes_and_other_objects_keep_their_own_primitives(
         plain.hmac(b"m", SECRETS["text"].encode())
         == hmac.new(SECRETS["text"].encode(), b"m", "sha256").hexdigest()
     )
+
+
+# -- citadel_batch: concurrent requests' signatures in shared sign_many batches ----------------
+
+
+def test_citadel_batch_sends_concurrent_signatures_in_fewer_requests_byte_for_byte(
+    served: Served, ct: dict[str, str]
+) -> None:
+    async def main() -> tuple[int, list[Any], list[Any]]:
+        transport = CountingAsyncTransport()
+        cls = capture_class(ccxt_async.binance, asynchronous=True)
+        plain = cls({**CONFIG, "secret": SECRETS["text"]})
+        async with AsyncCitadelClient(
+            served.url, api_key=KEYS["conductor"], transport=transport
+        ) as conductor:
+            ex = async_exchange(
+                cls,
+                conductor,
+                {**CONFIG, "secret": ct["text"], "citadel_form": "base64", "citadel_batch": True},
+            )
+            try:
+                got = await asyncio.gather(
+                    *(capture_async(ex, (["private"], "GET", f"account{i}")) for i in range(16))
+                )
+                want = [
+                    await capture_async(plain, (["private"], "GET", f"account{i}"))
+                    for i in range(16)
+                ]
+            finally:
+                await ex.close()
+                await plain.close()
+        return transport.signs, got, want
+
+    signs, got, want = asyncio.run(main())
+    assert got == want  # the frozen clock: the same nonces in both
+    assert signs < 16
+
+
+def test_citadel_batch_gives_each_request_its_own_item_error(
+    served: Served, ct: dict[str, str]
+) -> None:
+    from citadel_client import InvalidCiphertext
+
+    async def main() -> list[Any]:
+        cls = capture_class(ccxt_async.binance, asynchronous=True)
+        async with AsyncCitadelClient(served.url, api_key=KEYS["conductor"]) as conductor:
+            good = async_exchange(
+                cls,
+                conductor,
+                {**CONFIG, "secret": ct["text"], "citadel_form": "base64", "citadel_batch": True},
+            )
+            bad = async_exchange(
+                cls,
+                conductor,
+                {
+                    **CONFIG,
+                    "secret": ct["text"][:-8] + "AAAAAAAA",
+                    "citadel_form": "base64",
+                    "citadel_batch": True,
+                },
+            )
+            try:
+                return await asyncio.gather(
+                    *(capture_async(ex, BINANCE_GET) for ex in (good, bad, good)),
+                    return_exceptions=True,
+                )
+            finally:
+                await good.close()
+                await bad.close()
+
+    first, second, third = asyncio.run(main())
+    assert isinstance(first, tuple) and isinstance(third, tuple)
+    assert isinstance(second, InvalidCiphertext)

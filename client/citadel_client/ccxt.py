@@ -445,6 +445,7 @@ class _Signer:
         _ccxt_constants(getattr(ex, "options", {}), self.constants)
         self.round: _Round | None = None
         self.last_round: _Round | None = None
+        self.batcher: _Batcher | None = None
 
     @property
     def ready(self) -> bool:
@@ -551,14 +552,81 @@ class _Signer:
         calls = list({_call_key(c): c for c in run.missing}.values())
         run.missing = []
 
+        batcher = self.batcher
+
         async def one(call: _Call) -> str:
             args, kwargs = self._sign_args(call)
+            if batcher is not None:
+                return await batcher.sign(args, kwargs)
             signature: str = await client.sign(*args, **kwargs)
             return signature
 
         signatures = await asyncio.gather(*(one(call) for call in calls))
         for call, signature in zip(calls, signatures, strict=True):
             run.known[_call_key(call)] = _to_out(signature, call)
+
+
+class _Batcher:
+    """Sends the signatures that concurrent requests wait for together, in ``sign_many`` batches.
+
+    Self-clocking: a call goes out at once while fewer than ``max_inflight``
+    batches are in flight; otherwise it waits with the others for the next
+    batch, so batches grow with the load. Per-item errors go to their own
+    request; an error of the whole batch (429, 503, ...) to every request in it.
+    """
+
+    def __init__(self, client: Any, max_inflight: int = 2, max_items: int = 100) -> None:
+        self.client = client
+        self.max_inflight = max_inflight
+        self.max_items = max_items
+        self.pending: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
+        self.inflight = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def sign(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        ciphertext, message = args
+        item = {"encrypted_data": ciphertext, "message": message, **kwargs}
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.pending.append((item, future))
+        self._maybe_send()
+        return await future
+
+    def _maybe_send(self) -> None:
+        while self.pending and self.inflight < self.max_inflight:
+            batch, self.pending = self.pending[: self.max_items], self.pending[self.max_items :]
+            self.inflight += 1
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, batch: list[tuple[dict[str, Any], asyncio.Future[str]]]) -> None:
+        try:
+            if len(batch) == 1:
+                ((item, future),) = batch
+                body = dict(item)
+                ciphertext, message = body.pop("encrypted_data"), body.pop("message")
+                try:
+                    future.set_result(await self.client.sign(ciphertext, message, **body))
+                except Exception as exc:
+                    future.set_exception(exc)
+                return
+            try:
+                results = await self.client.sign_many([item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    future.set_exception(exc)
+                return
+            for (_, future), result in zip(batch, results, strict=True):
+                if result.error is not None:
+                    future.set_exception(result.error)
+                else:
+                    future.set_result(result.value)
+        finally:
+            self.inflight -= 1
+            self._maybe_send()
+
+
+_BATCHERS: weakref.WeakKeyDictionary[object, _Batcher] = weakref.WeakKeyDictionary()
 
 
 def _placeholder(call: _Call) -> str | bytes:
@@ -723,9 +791,12 @@ _UNRESOLVED: Final = "citadel-unresolved-"
 
 def _split_config(
     config: Mapping[str, Any],
-) -> tuple[dict[str, Any], dict[str, str], Mapping[str, str] | None, set[object], dict[str, str]]:
+) -> tuple[
+    dict[str, Any], dict[str, str], Mapping[str, str] | None, set[object], dict[str, str], bool
+]:
     conf = dict(config)
     context = conf.pop("citadel_context", None)
+    batch = bool(conf.pop("citadel_batch", False))
     given = conf.pop("citadel_form", None)
     forms: dict[str, str] = {"secret": given} if isinstance(given, str) else dict(given or {})
     for name, form in forms.items():
@@ -740,7 +811,7 @@ def _split_config(
             plain.update((value, value.encode("utf-8")))
     for name in secrets:
         conf[name] = _UNRESOLVED + name
-    return conf, secrets, context, plain, forms
+    return conf, secrets, context, plain, forms, batch
 
 
 def _resolve_class(module: Any, exchange_id: str | type) -> Any:
@@ -811,7 +882,7 @@ def _taped_methods(base: Any) -> dict[str, Any]:
 def _new(
     base: Any, namespace: dict[str, Any], client: Any, asynchronous: bool, config: Mapping[str, Any]
 ) -> Any:
-    conf, secrets, context, plain, forms = _split_config(config)
+    conf, secrets, context, plain, forms, batch = _split_config(config)
     _check_context_support(client, context)
     originals = {name: getattr(base, name) for name in _PRIMITIVES}
     namespace = {**namespace, "__module__": __name__}
@@ -824,6 +895,11 @@ def _new(
     for name, form in forms.items():
         if name in secrets:
             ex._citadel.adopt(name, form)  # recorded at onboarding: no trial /sign calls
+    if batch and asynchronous:
+        # One batcher per client: every exchange object sharing it shares its batches.
+        ex._citadel.batcher = _BATCHERS.get(client)
+        if ex._citadel.batcher is None:
+            ex._citadel.batcher = _BATCHERS[client] = _Batcher(client)
     _install(ex, ex._citadel)
     return ex
 
