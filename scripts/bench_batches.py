@@ -69,6 +69,8 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    connections: int = 0
+    tried: str = ""  # items/s at each connection count, for the progress lines
 
     @property
     def items_per_s(self) -> float:
@@ -115,7 +117,7 @@ def process(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> Iterat
 
 
 def wrk(
-    url: str, body: bytes, headers: dict[str, str], items: int, args: argparse.Namespace
+    url: str, body: bytes, headers: dict[str, str], items: int, duration: int, conns: int
 ) -> Run:
     """wrk -t1 with a Lua script for the POST body; errors are non-2xx answers and socket errors."""
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body.decode())}"]
@@ -135,8 +137,8 @@ def wrk(
             [
                 "wrk",
                 "-t1",
-                f"-c{args.connections}",
-                f"-d{args.duration}s",
+                f"-c{conns}",
+                f"-d{duration}s",
                 "--timeout",
                 "10s",
                 "-s",
@@ -154,11 +156,12 @@ def wrk(
     if rps is None or summary is None:
         raise RuntimeError(f"unexpected wrk output:\n{out}")
     p50, p99, _n, errors = summary.groups()
-    return Run(float(rps.group(1)), items, float(p50) / 1000, float(p99) / 1000, int(errors))
+    p50_ms, p99_ms = float(p50) / 1000, float(p99) / 1000
+    return Run(float(rps.group(1)), items, p50_ms, p99_ms, int(errors), conns)
 
 
 def pyload(
-    url: str, body: bytes, headers: dict[str, str], items: int, args: argparse.Namespace
+    url: str, body: bytes, headers: dict[str, str], items: int, duration: int, conns: int
 ) -> Run:
     """The fallback without wrk: one asyncio task per connection, each sending in a loop."""
     latencies: list[float] = []
@@ -177,11 +180,11 @@ def pyload(
             latencies.append(time.perf_counter() - t)
 
     async def main() -> float:
-        limits = httpx.Limits(max_connections=args.connections)
+        limits = httpx.Limits(max_connections=conns)
         async with httpx.AsyncClient(limits=limits, timeout=10) as client:
             start = time.perf_counter()
-            stop = start + args.duration
-            await asyncio.gather(*(worker(client, stop) for _ in range(args.connections)))
+            stop = start + duration
+            await asyncio.gather(*(worker(client, stop) for _ in range(conns)))
             return time.perf_counter() - start
 
     elapsed = asyncio.run(main())
@@ -190,7 +193,7 @@ def pyload(
     def pick(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
 
-    return Run(len(latencies) / elapsed, items, pick(0.5), pick(0.99), errors)
+    return Run(len(latencies) / elapsed, items, pick(0.5), pick(0.99), errors, conns)
 
 
 def measure(
@@ -201,15 +204,22 @@ def measure(
     check: Any,
     args: argparse.Namespace,
 ) -> Run:
-    """Check one answer (every item done), warm up for 2 s, then load for ``--duration``."""
+    """Check one answer (every item done), warm up for 2 s, then load for ``--duration``.
+
+    With several ``--connections`` counts each is run in turn and the best
+    (most items/s) is kept: each server is compared at its own best
+    concurrency, not at one that suits the other.
+    """
     raw = json.dumps(body, separators=(",", ":")).encode()
     r = httpx.post(url, content=raw, headers={**headers, "Content-Type": "application/json"})
     if r.status_code != 200:
         raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
     check(r.json())
-    warm = argparse.Namespace(**{**vars(args), "duration": 2})
-    args.load(url, raw, headers, items, warm)
-    return args.load(url, raw, headers, items, args)
+    args.load(url, raw, headers, items, 2, args.connections[0])
+    runs = [args.load(url, raw, headers, items, args.duration, c) for c in args.connections]
+    best = max(runs, key=lambda r: r.items_per_s)
+    best.tried = ", ".join(f"{r.items_per_s:,.0f} at {r.connections}" for r in runs)
+    return best
 
 
 def every_item(field: str, items: int, key: str = "batch") -> Any:
@@ -400,8 +410,8 @@ def bench_openbao(bao: Path, work: Path, args: argparse.Namespace) -> dict[str, 
 
 def progress(server: str, name: str, single: Run, batch: Run) -> None:
     print(
-        f"  {server} {name}: single {single.items_per_s:,.0f} items/s,"
-        f" batch {batch.items_per_s:,.0f} items/s",
+        f"  {server} {name}: items/s at each connection count: single {single.tried};"
+        f" batch {batch.tried}",
         flush=True,
     )
 
@@ -413,16 +423,17 @@ def report(
 ) -> None:
     print()
     head = f"{'server and operation':34} {'form':>9} {'req/s':>9} {'items/s':>10} {'p50 ms':>8}"
-    print(f"{head} {'p99 ms':>8} {'errors':>7} {'batch/single':>13}")
+    print(f"{head} {'p99 ms':>8} {'errors':>7} {'conns':>6} {'batch/single':>13}")
     sections = [("citadel", citadel)] if citadel else []
     sections += [("openbao transit", openbao)] if openbao else []
     for server, rows in sections:
         for name, (single, batch) in rows.items():
-            for form, r in ((" single", single), (f"batch {args.batch}", batch)):
+            for form, r in (("single", single), (f"batch {args.batch}", batch)):
                 ratio = f"{batch.items_per_s / single.items_per_s:.1f}x" if r is batch else ""
                 print(
                     f"{server + ' ' + name:34} {form:>9} {r.rps:9.0f} {r.items_per_s:10.0f}"
-                    f" {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:7d} {ratio:>13}"
+                    f" {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:7d} {r.connections:6d}"
+                    f" {ratio:>13}"
                 )
     if not citadel or not openbao:
         print("\nOne server only: no comparison")
@@ -448,7 +459,13 @@ def report(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per run (default 10)")
-    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument(
+        "--connections",
+        type=lambda v: [int(c) for c in v.split(",")],
+        default=[8, 32],
+        help="connections, or a comma-separated list of counts, each run and the best kept"
+        " (default 8,32)",
+    )
     parser.add_argument("--batch", type=int, default=100, help="items per batch (default 100)")
     parser.add_argument(
         "--workers", type=int, default=2, help="citadel --workers and GOMAXPROCS (default 2)"
@@ -462,7 +479,7 @@ def main() -> None:
     args.load = wrk if use_wrk else pyload
     print(
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; loader:"
-        f" {'wrk -t1' if use_wrk else 'python asyncio/httpx'}, {args.connections} connections,"
+        f" {'wrk -t1' if use_wrk else 'python asyncio/httpx'}, {','.join(map(str, args.connections))} connections (best kept),"
         f" {args.duration} s per run after 2 s of warm-up; citadel serve --workers {args.workers}"
         f" (local provider); openbao server -dev, GOMAXPROCS={args.workers};"
         f" both audited to a file; {os.cpu_count()} cores; load average"

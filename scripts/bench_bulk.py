@@ -6,7 +6,7 @@ with the provider's own code; rotates the keyring, so that every line needs a
 rewrap; starts ``citadel serve --workers N`` on it (its audit stream written to
 a file), with the job's caller granted ``rewrap`` and a high limit through
 ``CITADEL_RATE_LIMITS``; then times ``citadel rewrap`` over the whole export
-and reads the tool's peak memory (its ``ru_maxrss``) and CPU when it exits.
+and reads the tool's peak memory (its ``VmHWM``) and CPU.
 The output is checked afterwards: same lines in the same order, every one under
 the new key, nothing rejected. Nothing is asserted on the figures (goal of
 issue 17: under 60 s for 1,000,000 lines, tool and server sharing the 2 cores).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -88,15 +89,46 @@ def wait_ready(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-def sends_batches() -> bool:
+TOOLS = {
+    # The migration job's install (the client distribution alone): `citadel-rewrap`.
+    "citadel-rewrap": [PY, "-m", "citadel_client.bulk"],
+    # The same tool started through the server's CLI, which imports the server's package too.
+    "citadel": [PY, "-m", "citadel", "rewrap"],
+}
+
+
+def sends_batches(tool: list[str]) -> bool:
     """Whether this version of the tool sends ``{"batch": [...]}`` (it has ``--batch-size``)."""
     text = subprocess.run(
-        [PY, "-m", "citadel", "rewrap", "--help"],
+        [*tool, "--help"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout
     return "--batch-size" in text
+
+
+def wait_with_peak(pid: int) -> tuple[int, resource.struct_rusage, int]:
+    """Wait for ``pid``: its exit status, its rusage, and its peak RSS in KiB (``VmHWM``).
+
+    Not ``ru_maxrss``: the child starts as a fork of this process, and the
+    kernel keeps the larger of its RSS before ``exec`` (this process's: the
+    export was made here) and after. ``VmHWM`` belongs to the image ``exec``
+    made, so it is the tool's own; it is read until the process exits.
+    """
+    peak = 0
+    status_file = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            for line in status_file.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, usage, peak
+        time.sleep(0.05)
 
 
 def check_output(src: Path, out: Path, new_kid: str) -> tuple[int, int]:
@@ -121,10 +153,16 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", type=int, help="the tool's --concurrency (its default)")
     parser.add_argument("--batch-size", type=int, help="the tool's --batch-size (its default)")
+    parser.add_argument(
+        "--tool",
+        choices=sorted(TOOLS),
+        default="citadel-rewrap",
+        help="citadel-rewrap (default; run as python -m citadel_client.bulk) or citadel rewrap",
+    )
     parser.add_argument("--keep", type=Path, help="work in this directory and keep its files")
     args = parser.parse_args()
 
-    batches = sends_batches()
+    batches = sends_batches(TOOLS[args.tool])
     print(
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.lines:,} lines;"
         f" citadel serve --workers {args.workers} (local provider, audit to a file);"
@@ -168,7 +206,7 @@ def main() -> None:
             )
         try:
             wait_ready(url)
-            cmd = [*tool, "rewrap", str(src), "--output", str(out), "--url", url]
+            cmd = [*TOOLS[args.tool], str(src), "--output", str(out), "--url", url]
             if args.concurrency:
                 cmd += ["--concurrency", str(args.concurrency)]
             if args.batch_size:
@@ -177,24 +215,29 @@ def main() -> None:
             with open(work / "tool.stderr", "wb") as err:
                 start = time.perf_counter()
                 child = subprocess.Popen(cmd, env=tool_env, stderr=err, stdout=subprocess.DEVNULL)
-                _pid, status, usage = os.wait4(child.pid, 0)
+                status, usage, peak_kib = wait_with_peak(child.pid)
                 elapsed = time.perf_counter() - start
             child.returncode = os.waitstatus_to_exitcode(status)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
         summary = (work / "tool.stderr").read_text().strip().splitlines()
-        print(f"tool: {' '.join(cmd[2:])}")
+        shown = [
+            args.tool if args.tool == "citadel-rewrap" else "citadel rewrap",
+            *cmd[len(TOOLS[args.tool]) :],
+        ]
+        print(f"tool: {' '.join(shown)}")
         print(f"tool exit status {child.returncode}; {summary[-1] if summary else '(no output)'}")
-        # ru_maxrss is in KiB on Linux.
-        peak_mb = usage.ru_maxrss * 1024 / 1e6
+        peak_mib = peak_kib / 1024
         cpu = usage.ru_utime + usage.ru_stime
         lines, rewrapped = check_output(src, out, new_kid)
         audit_lines = sum(1 for _ in open(audit, "rb"))
         print()
-        print(f"{'lines':>10} {'seconds':>8} {'lines/s':>9} {'peak RSS MB':>12} {'tool CPU s':>11}")
         print(
-            f"{lines:10,} {elapsed:8.1f} {lines / elapsed:9.0f} {peak_mb:12.1f} {cpu:11.1f}"
+            f"{'lines':>10} {'seconds':>8} {'lines/s':>9} {'peak RSS MiB':>13} {'tool CPU s':>11}"
+        )
+        print(
+            f"{lines:10,} {elapsed:8.1f} {lines / elapsed:9.0f} {peak_mib:13.1f} {cpu:11.1f}"
             f"   {'batches' if batches else 'one request per line'}"
         )
         print(
