@@ -21,16 +21,20 @@ How (``docs/ccxt.md`` has the long form):
   A call whose key is the stand-in (or a form of it ccxt made: its bytes,
   its base64 or hex decoding, the 32-byte seed of a 64-byte Ed25519 key)
   becomes one ``/sign`` request; a key that is one of ccxt's own constants
-  (a broker id in its options) is left to ccxt; anything else touching the
-  stand-in (a key derived from the secret, a scheme ``/sign`` lacks, the
-  secret sent as it is) raises :class:`NotCovered` before anything is sent.
+  (a broker id in its options) or another config value (a passphrase) is
+  left to ccxt; any other key (one derived from the secret), a scheme
+  ``/sign`` lacks, or the secret hashed, encoded or sent as it is raises
+  :class:`NotCovered` before anything is sent.
 - Sync: the primitive blocks on Citadel, as ccxt blocks on the exchange.
   Async: ccxt's ``sign()`` is synchronous, so it runs once with placeholder
-  signatures; the request's ``fetch`` then awaits Citadel for each recorded
-  message and puts the real signatures in place of the placeholders before
-  ccxt's own ``fetch`` sends it. The event loop never waits on Citadel, and
-  ccxt's throttling, retries (each retry signs again) and several keyed
-  calls in one request (KuCoin's passphrase) are ccxt's own.
+  signatures, recording the messages and ccxt's clock and random ids; the
+  request's ``fetch`` awaits Citadel for the messages, then runs ``sign()``
+  again with the recorded clock and ids played back and the real
+  signatures, and ccxt's own ``fetch`` sends that request. The event loop
+  never waits on Citadel, and ccxt's throttling, retries (each retry signs
+  again) and several keyed calls in one request (KuCoin's passphrase) are
+  ccxt's own. ``citadel_batch`` sends concurrent requests' signatures in
+  shared ``sign_many`` batches.
 """
 
 from __future__ import annotations
