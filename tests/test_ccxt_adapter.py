@@ -630,3 +630,23 @@ def test_citadel_batch_gives_each_request_its_own_item_error(
     first, second, third = asyncio.run(main())
     assert isinstance(first, tuple) and isinstance(third, tuple)
     assert isinstance(second, InvalidCiphertext)
+
+
+def test_concurrent_first_async_requests_share_one_set_of_probes(
+    served: Served, ct: dict[str, str]
+) -> None:
+    async def main() -> int:
+        transport = CountingAsyncTransport()
+        cls = capture_class(ccxt_async.binance, asynchronous=True)
+        async with AsyncCitadelClient(
+            served.url, api_key=KEYS["conductor"], transport=transport
+        ) as conductor:
+            ex = async_exchange(cls, conductor, {**CONFIG, "secret": ct["ed25519-pem"]})
+            try:
+                await asyncio.gather(*(capture_async(ex, BINANCE_GET) for _ in range(10)))
+            finally:
+                await ex.close()
+        return transport.signs
+
+    # 7 probes at most, once, then one /sign per request.
+    assert asyncio.run(main()) <= 7 + 10

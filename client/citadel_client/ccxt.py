@@ -154,12 +154,32 @@ def learn_form(
 async def learn_form_async(
     client: AsyncCitadelClient, ciphertext: str, context: Mapping[str, str] | None = None
 ) -> str:
-    """:func:`learn_form` with the async client (the probes run concurrently)."""
+    """:func:`learn_form` with the async client (the probes run concurrently).
+
+    Concurrent first requests for one ciphertext share one set of probes.
+    """
     key = _cache_key(ciphertext, context)
     cached = _FORM_CACHE.setdefault(client, {}).get(key)
     if cached is not None:
         return cached
+    inflight = _LEARNING.setdefault(client, {})
+    task = inflight.get(key)
+    if task is None:
+        task = inflight[key] = asyncio.ensure_future(_probe_all(client, ciphertext, context))
+        task.add_done_callback(lambda _: inflight.pop(key, None))
+    form = await asyncio.shield(task)
+    _FORM_CACHE.setdefault(client, {})[key] = form
+    return form
 
+
+_LEARNING: weakref.WeakKeyDictionary[object, dict[tuple[str, str], asyncio.Future[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _probe_all(
+    client: AsyncCitadelClient, ciphertext: str, context: Mapping[str, str] | None
+) -> str:
     async def probe(algorithm: str, key_encoding: str) -> bool:
         try:
             await client.sign(
@@ -174,9 +194,7 @@ async def learn_form_async(
         return True
 
     results = await asyncio.gather(*(probe(a, e) for _, a, e in _PROBES))
-    form = _form_of({f: ok for (f, _, _), ok in zip(_PROBES, results, strict=True)})
-    _FORM_CACHE.setdefault(client, {})[key] = form
-    return form
+    return _form_of({f: ok for (f, _, _), ok in zip(_PROBES, results, strict=True)})
 
 
 _HEX_PAIRS: Final = re.compile(r"(?:[0-9A-Fa-f]{2})+")
