@@ -142,7 +142,12 @@ def create_app(
     vault = Vault(encryptor, decryptors, settings.max_plaintext_bytes)
     app.add_middleware(
         Pipeline,
-        operations=Operations(vault, settings.max_sign_message_bytes, settings.max_batch_items),
+        operations=Operations(
+            vault,
+            settings.max_sign_message_bytes,
+            settings.max_batch_items,
+            item_limits=body_limits(settings),
+        ),
         authenticator=authenticator,
         audit=audit,
         metrics=metrics,

@@ -193,24 +193,31 @@ class RateLimiter:
                 await self._give_back(limit, "caller", caller, already)
                 if user is not None:
                     await self._give_back(self._limits["user"], "user", user, already)
-            await self._reject(limit, "caller", caller)
+            await self._reject(limit, "caller", caller, cost + already)
         if user is not None:
             user_limit = self._limits["user"]
             if not await self._hit(user_limit, "user", user, cost):
                 await self._give_back(limit, "caller", caller, cost + already)
                 if already:
                     await self._give_back(user_limit, "user", user, already)
-                await self._reject(user_limit, "user", user)
+                await self._reject(user_limit, "user", user, cost + already)
 
     async def _hit(self, limit: RateLimitItem, scope: str, ident: str, cost: int = 1) -> bool:
         """Take ``cost`` units if they fit; a refused hit takes nothing, in either storage."""
         if self._shared is not None and not self.degraded:
             try:
+                # A refused hit still adds to the shared counter (INCRBY, then a
+                # compare): for a batch, test first, so that a batch that cannot
+                # fit never inflates the counter that concurrent requests read.
+                if cost > 1 and not await asyncio.wait_for(
+                    self._shared.test(limit, scope, ident, cost=cost), self._timeout
+                ):
+                    return False
                 ok = await asyncio.wait_for(
                     self._shared.hit(limit, scope, ident, cost=cost), self._timeout
                 )
                 if not ok and cost > 1:
-                    # The shared counter took the refused units: give them back.
+                    # Lost a race after the test: give the refused units back.
                     await asyncio.wait_for(
                         self._shared.hit(limit, scope, ident, cost=-cost), self._timeout
                     )
@@ -231,7 +238,7 @@ class RateLimiter:
                 self._degrade()
         self._memory.refund(limit, scope, ident, cost)
 
-    async def _reject(self, limit: RateLimitItem, scope: str, ident: str) -> None:
+    async def _reject(self, limit: RateLimitItem, scope: str, ident: str, cost: int = 1) -> None:
         self._rejected[scope].inc()
         reset_at = self._memory.reset_at(limit, scope, ident)
         if self._shared is not None and not self.degraded:
@@ -241,7 +248,15 @@ class RateLimiter:
                 )
                 reset_at = stats.reset_time
         retry_after = max(1, math.ceil(reset_at - time.time()))
+        # A batch larger than a whole window never fits, however long it waits.
+        detail = (
+            f"The batch has more items than the {scope} limit allows in a whole window; "
+            "send smaller batches."
+            if cost > limit.amount
+            else None
+        )
         raise RateLimited(
+            detail,
             retry_after=retry_after,
             headers=(
                 ("X-RateLimit-Limit", str(limit.amount)),

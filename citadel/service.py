@@ -74,10 +74,9 @@ class KeyVerdicts:
         learns a verdict reached with the right one.
         """
         bound = canonical(job.context) if job.context else b""
-        data = f"{job.algorithm}\0{job.key_encoding}\0{job.ciphertext}".encode(
-            "utf-8", "surrogatepass"
-        )
-        return hmac.digest(self._salt, data + b"\0" + bound, "sha256")
+        # Length-prefixed, so no ciphertext and context can pass for another pair.
+        data = f"{job.algorithm}\0{job.key_encoding}\0{len(job.ciphertext)}:{job.ciphertext}"
+        return hmac.digest(self._salt, data.encode("utf-8", "surrogatepass") + bound, "sha256")
 
     def known(self, fingerprint: bytes) -> tuple[bool, str | None]:
         """Whether there is a verdict, and the refusal's detail if it was one."""
@@ -229,7 +228,13 @@ class Vault:
             if isinstance(secret, CitadelError):
                 results[index] = secret
                 continue
-            fingerprint, known = verdicts[index]
+            # Asked again: an earlier item of this batch may have the same key,
+            # whose verdict is now known (one RSA check for all its copies).
+            fingerprint = verdicts[index][0]
+            known, refused = self.key_verdicts.known(fingerprint)
+            if refused is not None:
+                results[index] = InvalidKey(refused)
+                continue
             try:
                 results[index] = await self._sign_with(jobs[index], secret, fingerprint, known)
             except InvalidKey as err:

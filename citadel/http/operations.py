@@ -118,10 +118,18 @@ def _with_context(audit: Audit, context: Any) -> Audit:
 class Operations:
     """The operation handlers over one :class:`~citadel.service.Vault`."""
 
-    def __init__(self, vault: Vault, max_sign_message_bytes: int, max_batch_items: int) -> None:
+    def __init__(
+        self,
+        vault: Vault,
+        max_sign_message_bytes: int,
+        max_batch_items: int,
+        item_limits: dict[str, int],
+    ) -> None:
         self.vault = vault
         self._max_message = max_sign_message_bytes
         self._max_items = max_batch_items
+        # Per operation, the single form's body limit: no batch item may be larger.
+        self._item_limits = item_limits
         self._preparers: dict[str, Callable[[bytes], Call]] = {
             "encrypt": self.encrypt,
             "decrypt": self.decrypt,
@@ -135,22 +143,27 @@ class Operations:
         return self._preparers[operation](raw)
 
     def _items(
-        self, raw: bytes, single: type[Single], batch: type[BaseModel]
+        self, operation: str, raw: bytes, single: type[Single], batch: type[BaseModel]
     ) -> tuple[list[Single], bool]:
-        """The body's items (one for the single form), and whether it was a batch."""
-        request = parse(raw, single, batch)
+        """The body's items (one for the single form), and whether it was a batch.
+
+        A batch item larger than the single form's whole body limit is 413, as
+        that body would be (measured compactly, so never larger than as sent).
+        """
+        request = parse(raw, single, batch, self._max_items)
         if isinstance(request, single):
             return [request], False
         items: list[Single] = request.batch  # type: ignore[attr-defined]
-        if len(items) > self._max_items:
-            raise InvalidRequest(f"The batch has more than {self._max_items} items.")
+        limit = self._item_limits[operation]
+        if any(len(item.model_dump_json()) > limit for item in items):
+            raise PayloadTooLarge("A batch item is over the size limit of one request.")
         return items, True
 
     # -- encrypt -----------------------------------------------------------------------------------
 
     def encrypt(self, raw: bytes) -> Call:
         """``/encrypt``: each plaintext's ciphertext (limits checked for every item first)."""
-        items, batched = self._items(raw, EncryptRequest, EncryptBatch)
+        items, batched = self._items("encrypt", raw, EncryptRequest, EncryptBatch)
         for item in items:
             self.vault.check_plaintext(item.plaintext)
 
@@ -168,7 +181,7 @@ class Operations:
 
     def decrypt(self, raw: bytes) -> Call:
         """``/decrypt``: each plaintext (sent with ``Cache-Control: no-store``)."""
-        items, batched = self._items(raw, DecryptRequest, DecryptBatch)
+        items, batched = self._items("decrypt", raw, DecryptRequest, DecryptBatch)
 
         async def run() -> Outcome:
             pairs = [(item.encrypted_data, item.context) for item in items]
@@ -187,7 +200,7 @@ class Operations:
 
     def rewrap(self, raw: bytes) -> Call:
         """``/rewrap``: each plaintext under the active key, bound to the same or a new context."""
-        items, batched = self._items(raw, RewrapRequest, RewrapBatch)
+        items, batched = self._items("rewrap", raw, RewrapRequest, RewrapBatch)
 
         async def run() -> Outcome:
             triples = [
@@ -217,7 +230,7 @@ class Operations:
 
     def sign(self, raw: bytes) -> Call:
         """``/sign``: each signature by the secret inside its ciphertext; only signatures leave."""
-        items, batched = self._items(raw, SignRequest, SignBatch)
+        items, batched = self._items("sign", raw, SignRequest, SignBatch)
         jobs = [self._job(item) for item in items]
 
         async def run() -> Outcome:

@@ -216,14 +216,31 @@ class LocalProvider:
     async def decrypt_many(
         self, items: Sequence[tuple[str, Context | None]]
     ) -> list[str | CitadelError]:
-        """Each item decrypted in turn (each is microseconds): a value or its own error."""
+        """Each item decrypted in turn (each is microseconds): a value or its own error.
+
+        Key ids not in the keyring read the file once for the whole batch, not
+        once per item (a re-read happens at most once a second).
+        """
+        if self._path is not None and any(self._unknown(ct) for ct, _context in items):
+            await self._reread_for_unknown_key()
+        view = self._view
         results: list[str | CitadelError] = []
         for ciphertext, context in items:
             try:
-                results.append(await self.decrypt(ciphertext, context))
+                kid, body = _split(ciphertext)
+                cipher = view.ciphers.get(kid)
+                if cipher is None:
+                    raise KeyRetired() if kid in view.retired else InvalidCiphertext()
+                results.append(self._open(kid, cipher, body, context))
             except (InvalidCiphertext, KeyRetired) as err:
                 results.append(err)
         return results
+
+    def _unknown(self, ciphertext: str) -> bool:
+        """Whether the ciphertext names a well-formed key id this keyring has never held."""
+        kid = ciphertext.split(":", 2)[1] if ciphertext.count(":") >= 2 else ""
+        view = self._view
+        return bool(KEY_ID.match(kid)) and kid not in view.ciphers and kid not in view.retired
 
     async def decrypt(self, ciphertext: str, context: Context | None = None) -> str:
         """Decrypt under the key the header names; an unknown key id rereads the file first.
