@@ -74,6 +74,9 @@ SLOW_FILES = {
     "test_properties.py": "long property tests (hypothesis, hundreds of examples a test)",
     "test_protocol_properties.py": "long property tests over the HTTP protocol",
     "test_deployment.py": "installs the image's commands into a clean virtual environment",
+    "test_ccxt_covered.py": "every covered ccxt exchange, sync and async, about 3 minutes",
+    "test_ccxt_no_plaintext.py": "signs in a child process, then scans its memory",
+    "test_ccxt_readme.py": "runs the README's ccxt blocks in child processes",
 }
 SLOW_TESTS = {
     "evervault/test_provider.py::test_sdk_encrypt_is_safe_under_concurrent_re_derivation": (
