@@ -69,6 +69,7 @@ class Budget:
         self._attempt = 0
 
     def remaining(self) -> float:
+        """Seconds left of the call's whole deadline (retries included)."""
         return self._ends_at - self._clock()
 
     def timeout(self, configured: httpx.Timeout) -> httpx.Timeout:
@@ -145,6 +146,7 @@ def field_reader(field: str) -> Reader[str]:
 
 
 def unexpected(status: int, request_id: str | None, retry_after: int | None = None) -> CitadelError:
+    """The error for an answer that is not Citadel's contract (a proxy's page, an unknown code)."""
     err = CitadelError(
         f"Unexpected answer from Citadel (HTTP {status}).",
         request_id=request_id,
@@ -189,11 +191,13 @@ def _ignore_cookies(_response: httpx.Response) -> None:
 
 
 def check_user_id(user_id: str) -> None:
+    """Refuse, before sending, an X-User-ID the server would refuse (422)."""
     if not isinstance(user_id, str) or not _USER_ID.fullmatch(user_id):
         raise InvalidRequest("user_id must be 1 to 128 of A-Za-z0-9_.:@-.")
 
 
 def check_request_id(request_id: str) -> None:
+    """Refuse, before sending, an X-Request-ID the server would replace."""
     if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
         raise InvalidRequest("request_id must be 1 to 128 of A-Za-z0-9._:-.")
 
@@ -248,6 +252,7 @@ def _frame(parts: list[bytes]) -> bytes:
 
 def encode(payload: Mapping[str, object]) -> bytes:
     # UTF-8, not \u escapes: the server's body limit is in bytes.
+    """A request body as compact UTF-8 JSON (the server's limits are in bytes)."""
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 

@@ -108,36 +108,48 @@ class BadRequest(CitadelError):
 
 
 class Unauthenticated(CitadelError):
+    """401: the API key is missing, unknown or repeated."""
+
     code = "unauthenticated"
     status = 401
     default_detail = "Missing or unknown X-Internal-API-Key."
 
 
 class Forbidden(CitadelError):
+    """403: the caller is known but the ACL does not give it this operation."""
+
     code = "forbidden"
     status = 403
     default_detail = "This caller may not perform this operation."
 
 
 class PayloadTooLarge(CitadelError):
+    """413: the body, a plaintext or a message is over its size limit."""
+
     code = "payload_too_large"
     status = 413
     default_detail = "The request body is over the size limit."
 
 
 class InvalidRequest(CitadelError):
+    """422: the body does not fit the schema (the detail never repeats it)."""
+
     code = "invalid_request"
     status = 422
     default_detail = "The request does not fit the schema."
 
 
 class InvalidCiphertext(CitadelError):
+    """400: malformed, of another key or app, tampered with, or the wrong context."""
+
     code = "invalid_ciphertext"
     status = 400
     default_detail = "The ciphertext is malformed, from another key, or tampered with."
 
 
 class KeyRetired(CitadelError):
+    """400: the ciphertext names a retired keyring key (rewrap it, or restore the key)."""
+
     code = "key_retired"
     status = 400
     default_detail = (
@@ -147,6 +159,8 @@ class KeyRetired(CitadelError):
 
 
 class InvalidKey(CitadelError):
+    """400: ``/sign``: the decrypted secret is not a key of this algorithm and encoding."""
+
     code = "invalid_key"
     status = 400
     default_detail = "The decrypted secret is not a key of this algorithm and key_encoding."
@@ -169,6 +183,8 @@ class MethodNotAllowed(CitadelError):
 
 
 class RequestTimeout(CitadelError):
+    """408: the body did not arrive within the server's read timeout."""
+
     code = "request_timeout"
     status = 408
     default_detail = "The request body did not arrive in time."
@@ -183,12 +199,16 @@ class HeadersTooLarge(CitadelError):
 
 
 class RateLimited(CitadelError):
+    """429: a rate limit is exceeded; ``retry_after`` says when to try again."""
+
     code = "rate_limited"
     status = 429
     default_detail = "Rate limit exceeded."
 
 
 class ProviderUnavailable(CitadelError):
+    """503: the provider, its breaker or the audit log; ``retry_after`` is set."""
+
     code = "provider_unavailable"
     status = 503
     default_detail = "The encryption provider is unavailable; retry later."

@@ -42,6 +42,7 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
         self._busy = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send one request on a kept-alive connection (a new one if none is free)."""
         if self._busy:
             raise RuntimeError("AsyncKeepAliveTransport serves one request at a time")
         self._busy = True
@@ -133,6 +134,7 @@ class AsyncKeepAliveTransport(httpx.AsyncBaseTransport):
         self._stream = None
 
     async def aclose(self) -> None:
+        """Close every kept-alive connection."""
         if self._stream is not None:
             writer = self._stream[1]
             self._stream = None

@@ -74,6 +74,7 @@ def resume_from(partial: Path, rejects_partial: Path, source: IO[bytes]) -> tupl
 
 
 def replace_with(partial: Path, final: Path, f: IO[bytes]) -> None:
+    """Make ``partial`` the final output: flushed, synced, then renamed over ``final``."""
     f.flush()
     os.fsync(f.fileno())
     f.close()
@@ -81,4 +82,5 @@ def replace_with(partial: Path, final: Path, f: IO[bytes]) -> None:
 
 
 def partial_path(path: Path) -> Path:
+    """Where an unfinished run writes its output (``--resume`` goes on from it)."""
     return path.with_name(path.name + ".partial")

@@ -57,12 +57,15 @@ DEFAULT_BATCH_SIZE: Final = 100  # the server's CITADEL_MAX_BATCH_ITEMS by defau
 
 @dataclass
 class Counts:
+    """What a run did with its lines, for the summary and the exit status."""
+
     rewrapped: int = 0
     passed: int = 0
     rejected: int = 0
     resumed: int = 0  # complete lines kept from an interrupted run's partial output
 
     def summary(self) -> str:
+        """One line for a person: rewrapped, passed through, rejected, resumed."""
         text = f"{self.rewrapped} rewrapped, {self.passed} passed through, {self.rejected} rejected"
         return text + (
             f" ({self.resumed} lines kept from the partial output)" if self.resumed else ""
@@ -83,6 +86,7 @@ class Sink:
         self.written = 0  # lines written by this run
 
     def write(self, line: bytes, reject: dict[str, Any] | None) -> None:
+        """Queue one output line (and its reject record, if any), flushing now and then."""
         if reject is not None:
             self._rej_buf.append(json.dumps(reject, ensure_ascii=False).encode() + b"\n")
         self._out_buf.append(line)
@@ -92,6 +96,7 @@ class Sink:
             self.flush()
 
     def flush(self) -> None:
+        """Write what is queued: the rejects first, then the output lines."""
         if self._rej_buf:
             self._rejects.write(b"".join(self._rej_buf))
             self._rejects.flush()
@@ -127,6 +132,8 @@ class _Entry:
 
 @dataclass
 class Outcome:
+    """How a run ended: its exit status, its counts, why it stopped early, its last line."""
+
     exit_code: int
     counts: Counts
     message: str | None = None  # why the run stopped early
@@ -207,6 +214,7 @@ class Rewrapper:
         return self._last_line
 
     def fail(self, message: str, code: int = EXIT_ABORTED) -> None:
+        """Stop the run with ``message`` (the first failure wins)."""
         if self.failure is None:
             self.failure, self.failure_code = message, code
             self._stop.set()
@@ -216,6 +224,7 @@ class Rewrapper:
         await asyncio.wait([task, self._stopped], return_when=asyncio.FIRST_COMPLETED)
 
     async def run(self, source: IO[bytes], first_number: int = 1) -> Outcome:
+        """Rewrap every line of ``source`` in input order; the run's outcome."""
         pending: deque[_Entry] = deque()
         number = first_number - 1
         self._stopped = asyncio.ensure_future(self._stop.wait())
