@@ -78,6 +78,26 @@ class Run:
         return self.rps * self.items
 
 
+def revision() -> str:
+    """The commit measured, and whether the server's or the client's code differed from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "citadel", "client"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "revision unknown"
+    return f"commit {head}" + (" with uncommitted changes to citadel/ or client/" if dirty else "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -478,7 +498,7 @@ def main() -> None:
     use_wrk = args.loader == "wrk" or (args.loader == "auto" and shutil.which("wrk"))
     args.load = wrk if use_wrk else pyload
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; loader:"
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {revision()}; loader:"
         f" {'wrk -t1' if use_wrk else 'python asyncio/httpx'}, {','.join(map(str, args.connections))} connections (best kept),"
         f" {args.duration} s per run after 2 s of warm-up; citadel serve --workers {args.workers}"
         f" (local provider); openbao server -dev, GOMAXPROCS={args.workers};"

@@ -41,6 +41,26 @@ MIGRATOR = "bench-migrator-" + "m" * 40
 PLAINTEXT = "binance-api-key-" + "k" * 48  # the size of a real exchange key
 
 
+def revision() -> str:
+    """The commit measured, and whether the server's or the client's code differed from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "citadel", "client"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "revision unknown"
+    return f"commit {head}" + (" with uncommitted changes to citadel/ or client/" if dirty else "")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +184,7 @@ def main() -> None:
 
     batches = sends_batches(TOOLS[args.tool])
     print(
-        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {args.lines:,} lines;"
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {revision()}; {args.lines:,} lines;"
         f" citadel serve --workers {args.workers} (local provider, audit to a file);"
         f" {os.cpu_count()} cores shared by the tool and the server; load average"
         f" {os.getloadavg()[0]:.2f}"
