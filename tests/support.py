@@ -227,6 +227,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``citadel ARGS`` to completion; ``serve`` gets a free port unless the test names one.
+
+    A user may well have ``make run`` serving on 8004 while the suite runs.
+    """
+    if args[:1] == ["serve"] and "--port" not in args and "--help" not in args:
+        args = [*args, "--port", str(free_port())]
     return subprocess.run(
         [*CITADEL, *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=30
     )
