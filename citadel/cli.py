@@ -115,13 +115,23 @@ def _dev_banner(settings: Settings, host: str, port: int) -> None:
         f"  keyring:      {settings.local_keyring}",
     ]
     if settings.api_keys is None and settings.api_keys_file is None:
-        lines.append(f"  API keys:     {keys} (sentinel may encrypt, conductor may decrypt)")
+        may = "; ".join(
+            f"{caller} may {', '.join(settings.acl.get(caller, [])) or 'do nothing'}"
+            for caller in ("sentinel", "conductor")
+        )
+        lines.append(f"  API keys:     {keys} ({may})")
         read_key = (
             "python3 -c 'import json; print(json.load(open(\"" + str(keys) + '"))["sentinel"][0])\''
         )
         lines.append(f"  try:          SENTINEL=$({read_key})")
+        # Over TLS curl must trust the server's CA (and, under mutual TLS, show a certificate).
+        tls = ""
+        if settings.tls_enabled:
+            tls = " --cacert CA.pem" + (
+                " --cert CLIENT.pem --key CLIENT-KEY.pem" if settings.tls_client_ca_file else ""
+            )
         lines.append(
-            f'                curl -s {url}/encrypt -H "X-Internal-API-Key: $SENTINEL" '
+            f'                curl -s{tls} {url}/encrypt -H "X-Internal-API-Key: $SENTINEL" '
             "-H 'Content-Type: application/json' -d '{\"plaintext\": \"hello\"}'"
         )
     if settings.docs_enabled:
