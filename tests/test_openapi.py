@@ -9,17 +9,19 @@ import pytest
 from pydantic import BaseModel
 from support import Served, headers, make_settings, serve_citadel
 
+from citadel.http.answers import (
+    EncryptedData,
+    ErrorBody,
+    PlaintextResponse,
+    SignatureResponse,
+)
 from citadel.http.bodies import (
     DecryptBatch,
     DecryptRequest,
     EncryptBatch,
-    EncryptedData,
     EncryptRequest,
-    ErrorBody,
-    PlaintextResponse,
     RewrapBatch,
     RewrapRequest,
-    SignatureResponse,
     SignBatch,
     SignRequest,
 )

@@ -12,6 +12,7 @@
   (size limit and read deadline).
 - :mod:`~citadel.http.operations`: the four operations, on the models of
   :mod:`~citadel.http.bodies`; they import nothing of the pipeline.
+  :mod:`~citadel.http.answers` describes what they answer.
 - :mod:`~citadel.http.errors`: errors to HTTP, in one place.
 - :mod:`~citadel.http.other_paths`, :mod:`~citadel.http.status_routes`,
   :mod:`~citadel.http.openapi`: what FastAPI serves.

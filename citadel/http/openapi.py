@@ -13,23 +13,25 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from citadel.http.answers import (
+    EncryptedBatch,
+    EncryptedData,
+    ErrorBody,
+    PlaintextBatch,
+    PlaintextResponse,
+    SignatureBatch,
+    SignatureResponse,
+    StatusBody,
+)
 from citadel.http.bodies import (
     DecryptBatch,
     DecryptRequest,
     EncryptBatch,
-    EncryptedBatch,
-    EncryptedData,
     EncryptRequest,
-    ErrorBody,
-    PlaintextBatch,
-    PlaintextResponse,
     RewrapBatch,
     RewrapRequest,
-    SignatureBatch,
-    SignatureResponse,
     SignBatch,
     SignRequest,
-    StatusBody,
 )
 from citadel.http.head import USER_ID
 from citadel.http.request_ids import VALID_REQUEST_ID
