@@ -149,6 +149,14 @@ class Vault:
         self.check_plaintext(plaintext)
         return await self.provider.encrypt(plaintext, context)
 
+    async def encrypt_checked(self, plaintext: str, context: Context | None = None) -> str:
+        """:meth:`encrypt` of a plaintext that already passed :meth:`check_plaintext`.
+
+        A batch checks every item before it encrypts any; checking again costs
+        a UTF-8 encoding per item for nothing.
+        """
+        return await self.provider.encrypt(plaintext, context)
+
     async def decrypt(self, ciphertext: str, context: Context | None = None) -> str:
         """The plaintext inside ``ciphertext``, from the provider its prefix names."""
         return await self.owner(ciphertext).decrypt(ciphertext, context)

@@ -213,7 +213,7 @@ def test_a_batch_body_over_the_single_limit_is_served_and_a_single_one_is_413(
     tmp_path: Path, emu: EvervaultEmulator
 ) -> None:
     with start(tmp_path, "local", emu) as s, s.client() as c:
-        single = body_limits(s.app.state.settings)["encrypt"]
+        single = body_limits(make_settings(tmp_path))["encrypt"]
         items = [{"plaintext": "p" * 4000}] * 10
         assert len(json.dumps({"batch": items})) > single
         r = post(c, "encrypt", {"batch": items}, "sentinel")

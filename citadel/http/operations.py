@@ -170,7 +170,7 @@ class Operations:
         async def run() -> Outcome:
             done = []
             for item in items:
-                ciphertext = await self.vault.encrypt(item.plaintext, item.context)
+                ciphertext = await self.vault.encrypt_checked(item.plaintext, item.context)
                 audit = _with_context({"ct_fp": fingerprint(ciphertext)}, item.context)
                 done.append(Item({"encrypted_data": ciphertext}, None, audit))
             return Outcome(tuple(done), batched)
