@@ -92,6 +92,17 @@ class _View:
             header_bytes=header.encode(),
         )
 
+    def cipher(self, kid: str) -> XAES256GCM:
+        """The cipher of key ``kid``; ``KeyRetired`` or ``InvalidCiphertext`` when it has none."""
+        found = self.ciphers.get(kid)
+        if found is None:
+            raise KeyRetired() if kid in self.retired else InvalidCiphertext()
+        return found
+
+    def unknown(self, kid: str) -> bool:
+        """Whether ``kid`` is a well-formed key id this keyring has never held (a re-read may)."""
+        return kid not in self.ciphers and kid not in self.retired and bool(KEY_ID.match(kid))
+
 
 class _NoCount:
     def inc(self) -> None:
@@ -221,26 +232,19 @@ class LocalProvider:
         Key ids not in the keyring read the file once for the whole batch, not
         once per item (a re-read happens at most once a second).
         """
-        if self._path is not None and any(self._unknown(ct) for ct, _context in items):
+        # The key id of each ciphertext that has one (a malformed one fails below).
+        kids = [ct.split(":", 2)[1] for ct, _context in items if ct.count(":") >= 2]
+        if self._path is not None and any(self._view.unknown(kid) for kid in kids):
             await self._reread_for_unknown_key()
         view = self._view
         results: list[str | CitadelError] = []
         for ciphertext, context in items:
             try:
                 kid, body = _split(ciphertext)
-                cipher = view.ciphers.get(kid)
-                if cipher is None:
-                    raise KeyRetired() if kid in view.retired else InvalidCiphertext()
-                results.append(self._open(kid, cipher, body, context))
+                results.append(self._open(kid, view.cipher(kid), body, context))
             except (InvalidCiphertext, KeyRetired) as err:
                 results.append(err)
         return results
-
-    def _unknown(self, ciphertext: str) -> bool:
-        """Whether the ciphertext names a well-formed key id this keyring has never held."""
-        kid = ciphertext.split(":", 2)[1] if ciphertext.count(":") >= 2 else ""
-        view = self._view
-        return bool(KEY_ID.match(kid)) and kid not in view.ciphers and kid not in view.retired
 
     async def decrypt(self, ciphertext: str, context: Context | None = None) -> str:
         """Decrypt under the key the header names; an unknown key id rereads the file first.
@@ -249,16 +253,9 @@ class LocalProvider:
         instance first) is found without waiting for the watcher.
         """
         kid, body = _split(ciphertext)
-        view = self._view
-        cipher = view.ciphers.get(kid)
-        if cipher is None:
-            if self._path is not None and kid not in view.retired and KEY_ID.match(kid):
-                await self._reread_for_unknown_key()
-                view = self._view
-                cipher = view.ciphers.get(kid)
-            if cipher is None:
-                raise KeyRetired() if kid in view.retired else InvalidCiphertext()
-        return self._open(kid, cipher, body, context)
+        if self._path is not None and self._view.unknown(kid):
+            await self._reread_for_unknown_key()
+        return self._open(kid, self._view.cipher(kid), body, context)
 
     def encrypt_sync(self, plaintext: str, context: Context | None = None) -> str:
         """:meth:`encrypt` without the coroutine, for callers that run no event loop."""
@@ -272,11 +269,7 @@ class LocalProvider:
     def decrypt_sync(self, ciphertext: str) -> str:
         """Decrypt with the keyring in memory, without re-reading the file (benchmarks)."""
         kid, body = _split(ciphertext)
-        view = self._view
-        cipher = view.ciphers.get(kid)
-        if cipher is None:
-            raise KeyRetired() if kid in view.retired else InvalidCiphertext()
-        return self._open(kid, cipher, body)
+        return self._open(kid, self._view.cipher(kid), body)
 
     def _open(self, kid: str, cipher: XAES256GCM, body: str, context: Context | None = None) -> str:
         try:
