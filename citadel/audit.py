@@ -44,20 +44,15 @@ class AuditLog:
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         """Write one event; raise ``AuditUnavailable`` if it cannot be written whole in time."""
-        event = {
-            "timestamp": utc_timestamp(),
-            "event": "audit",
+        common = {
             "operation": operation,
             "requestor": requestor,
             "user_id": user_id,
-            "success": success,
-            "code": code,
             "duration_ms": duration_ms,
             "request_id": request_id,
-            "ct_fp": None,
         }
-        if extra:
-            event.update(extra)
+        event = _event(utc_timestamp(), common, code, extra or {})
+        event["success"] = success  # the caller's word: the pipeline's is "status below 400"
         await self.sink.write(orjson.dumps(event) + b"\n")
 
     async def write_batch(
@@ -73,21 +68,9 @@ class AuditLog:
         chunk: list[bytes] = []
         length = 0
         for index, (code, fields) in enumerate(items):
-            event = {
-                "timestamp": timestamp,
-                "event": "audit",
-                "operation": common["operation"],
-                "requestor": common["requestor"],
-                "user_id": common["user_id"],
-                "success": code == "ok",
-                "code": code,
-                "duration_ms": common["duration_ms"],
-                "request_id": common["request_id"],
-                "ct_fp": None,
-                **fields,
-                "batch_index": index,
-                "batch_size": size,
-            }
+            event = _event(timestamp, common, code, fields)
+            event["batch_index"] = index
+            event["batch_size"] = size
             line = orjson.dumps(event) + b"\n"
             if chunk and length + len(line) > PIPE_BUF:
                 await self.sink.write(b"".join(chunk))
@@ -100,3 +83,23 @@ class AuditLog:
     def healthy(self) -> bool:
         """Whether audit lines can be written now: ``/ready`` fails when they cannot."""
         return self.sink.healthy()
+
+
+def _event(
+    timestamp: str, common: Mapping[str, Any], code: str, fields: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One audit event: the contract's fields in their order, then the operation's own."""
+    event: dict[str, Any] = {
+        "timestamp": timestamp,
+        "event": "audit",
+        "operation": common["operation"],
+        "requestor": common["requestor"],
+        "user_id": common["user_id"],
+        "success": code == "ok",
+        "code": code,
+        "duration_ms": common["duration_ms"],
+        "request_id": common["request_id"],
+        "ct_fp": None,
+    }
+    event.update(fields)
+    return event

@@ -190,10 +190,7 @@ class Pipeline:
 
     def identify(self, scope: Scope, head: RequestHead) -> str:
         """The request's id, kept in the scope so the protocol's own refusals carry it too."""
-        chosen = scope.get(request_ids.SCOPE_KEY)  # by the protocol, if it answered first
-        if not isinstance(chosen, bytes):
-            chosen = scope[request_ids.SCOPE_KEY] = request_ids.choose(head.request_ids)
-        return chosen.decode()
+        return request_ids.for_scope(scope, head.request_ids).decode()
 
     async def authenticate(self, request: Request, head: RequestHead, scope: Scope) -> None:
         """The caller the API key belongs to; a repeated or unknown key is 401."""
@@ -271,14 +268,7 @@ class Pipeline:
         try:
             if answer.items is None:
                 await self.audit.write(
-                    operation=request.operation,
-                    requestor=request.caller,
-                    user_id=request.user_pseudonym,
-                    success=answer.status < 400,
-                    code=answer.code,
-                    duration_ms=common["duration_ms"],
-                    request_id=request.request_id,
-                    extra=answer.audit,
+                    **common, success=answer.status < 400, code=answer.code, extra=answer.audit
                 )
             else:
                 await self.audit.write_batch(

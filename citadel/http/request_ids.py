@@ -43,15 +43,19 @@ def choose(sent: Iterable[bytes]) -> bytes:
     return new_request_id()
 
 
-def for_scope(scope: Any) -> bytes:
+def for_scope(scope: Any, sent: Iterable[bytes] | None = None) -> bytes:
     """The id of the request in ``scope``: the one already chosen, else chosen now and kept.
 
     Whoever answers first (the pipeline, or the protocol refusing a body
     before the pipeline ran) chooses; the other finds the choice in the scope.
+    ``sent`` is the request's ``X-Request-ID`` values when the caller has read
+    them already; otherwise they are read from the scope's headers.
     """
     chosen = scope.get(SCOPE_KEY)
     if isinstance(chosen, bytes):
         return chosen
-    chosen = choose(value for name, value in scope["headers"] if name == b"x-request-id")
+    if sent is None:
+        sent = (value for name, value in scope["headers"] if name == b"x-request-id")
+    chosen = choose(sent)
     scope[SCOPE_KEY] = chosen
     return chosen
