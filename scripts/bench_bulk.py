@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,39 +32,15 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# The same commit line and port choice as the batch benchmark (this directory is on sys.path).
+from bench_batches import free_port, revision  # noqa: E402
+
 from citadel.keyring import load_keyring  # noqa: E402
 from citadel.providers.local import LocalProvider  # noqa: E402
 
 PY = sys.executable
 MIGRATOR = "bench-migrator-" + "m" * 40
 PLAINTEXT = "binance-api-key-" + "k" * 48  # the size of a real exchange key
-
-
-def revision() -> str:
-    """The commit measured, and whether the server's or the client's code differed from it."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "citadel", "client"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "revision unknown"
-    return f"commit {head}" + (" with uncommitted changes to citadel/ or client/" if dirty else "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def make_export(path: Path, ring: Path, lines: int) -> str:
