@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import textwrap
 
 import httptools
 import pytest
@@ -32,6 +33,8 @@ PROTOCOL_NAMES = [
     "send_400_response",
     "connection_made",
     "connection_lost",
+    "timeout_keep_alive_handler",
+    "_start_asgi_task",
 ]
 # Set in HttpToolsProtocol.__init__ or connection_made and used by protocol.py.
 PROTOCOL_STATE = [
@@ -44,6 +47,8 @@ PROTOCOL_STATE = [
     "self.server_state",
     "self.transport",
     "self.url",
+    "self.timeout_keep_alive",
+    "self.expect_100_continue",
 ]
 # Attributes of a request's cycle that protocol.py reads or sets.
 CYCLE_STATE = [
@@ -116,3 +121,44 @@ def test_uvicorn_still_builds_a_fresh_parser_the_way_server_py_does() -> None:
     source = inspect.getsource(httptools_impl.HttpToolsProtocol.__init__)
     assert "httptools.HttpRequestParser(self)" in source
     assert "set_dangerous_leniencies(lenient_data_after_close=True)" in source
+
+
+# uvicorn's methods whose bodies protocol.py carries inline rather than calling
+# through super(): they run for every field or every answer, and the call cost a
+# frame each; on_response_complete's keep-alive timer is a moved Deadline there.
+# A change in uvicorn must be carried over to the copy.
+INLINE_COPIES = {
+    "on_url": "self.url += url",
+    "on_header": """name = name.lower()
+if name == b"expect" and value.lower() == b"100-continue":
+    self.expect_100_continue = True
+self.headers.append((name, value))""",
+    "on_response_complete": """self.server_state.total_requests += 1
+if self.transport.is_closing():
+    return
+self._unset_keepalive_if_required()
+self.flow.resume_reading()
+if self.pipeline:
+    cycle, app = self.pipeline.pop()
+    self._start_asgi_task(cycle, app)
+else:
+    self.timeout_keep_alive_task = self.loop.call_later(
+        self.timeout_keep_alive, self.timeout_keep_alive_handler
+    )""",
+}
+
+
+@pytest.mark.parametrize("name", sorted(INLINE_COPIES))
+def test_uvicorn_methods_citadel_copies_inline_are_unchanged(name: str) -> None:
+    source = textwrap.dedent(inspect.getsource(getattr(HttpToolsProtocol, name)))
+    body = textwrap.dedent(
+        "\n".join(
+            line.rstrip()
+            for line in source.splitlines()[1:]
+            if line.strip() and not line.strip().startswith("#")
+        )
+    )
+    assert body == INLINE_COPIES[name], (
+        f"uvicorn's HttpToolsProtocol.{name} changed: citadel/http/protocol.py carries a copy "
+        "of it inline, which must be brought in line before the pin is moved"
+    )

@@ -39,6 +39,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from citadel.http import framing, refusals, request_ids
+from citadel.http.deadline import Deadline, head_deadline_s
 from citadel.http.refusals import Refusal
 from citadel.http.response_transport import ResponseTransport
 from citadel.tls import PEER_IDENTITIES, peer_identities
@@ -48,24 +49,6 @@ MAX_HEADER_BYTES = 64 * 1024
 CHUNK_LINE_BYTES = 32
 # The most of an unread body drained after an early answer, before closing.
 LINGER_BYTES = 4 * 1024 * 1024
-# The head deadline of an app that is not Citadel's (the protocol's own tests).
-DEFAULT_HEAD_DEADLINE_S = 10.0
-
-
-def head_deadline_s(app: object) -> float:
-    """``CITADEL_READ_TIMEOUT_S`` of the Citadel app being served, through uvicorn's wrappers.
-
-    The one source of the header deadline: each worker process builds its app
-    from its settings, and every connection's protocol reads it from there.
-    """
-    for _ in range(8):
-        settings = getattr(getattr(app, "state", None), "settings", None)
-        if settings is not None:
-            return float(settings.read_timeout_s)
-        app = getattr(app, "app", None)
-        if app is None:
-            break
-    return DEFAULT_HEAD_DEADLINE_S
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -76,7 +59,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.header_timeout_s = head_deadline_s(self.app)
         # Bytes of the current request's head seen so far; None while its body is read.
         self._head_bytes: int | None = 0
-        self._head_timer: asyncio.TimerHandle | None = None
+        # The current head's deadline, and uvicorn's keep-alive one (moved, not rescheduled).
+        self._head_deadline = Deadline(self.loop, self.header_timeout_s, self._head_late)
+        self._idle = Deadline(self.loop, self.timeout_keep_alive, self.timeout_keep_alive_handler)
         # The last bytes of a head in progress, to find a blank line split across reads.
         self._carry = b""
         # While a body is read: what is left of a Content-Length body (None: chunked);
@@ -111,7 +96,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._response_transport = ResponseTransport(self, transport)
         # The deadline of the first head runs from the connection, not its first
         # byte: a connection that never sends one must not be held forever.
-        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+        self._head_deadline.start()
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -130,8 +115,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head(self, data: bytes) -> bytes:
         """Feed head bytes up to the blank line that ends the head; the rest is returned."""
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+        if not self._head_deadline.running:
+            self._head_deadline.start()
         end = framing.head_end(self._carry, data)
         piece = data if end < 0 else data[:end]
         self._head_bytes = (self._head_bytes or 0) + len(piece)
@@ -236,7 +221,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._parsed += len(url)
-        super().on_url(url)
+        self.url += url  # uvicorn's on_url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The fields as parsed are counted too: a head, or trailers, that came
@@ -254,11 +239,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # a key or user id sent after the body would pass any proxy that checks
         # the headers. They are dropped.
         if self._head_bytes is not None:
-            super().on_header(name, value)
+            # uvicorn's on_header, inline: it runs for every field of every request.
+            name = name.lower()
+            if name == b"expect" and value.lower() == b"100-continue":
+                self.expect_100_continue = True
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         """The head is whole: stop its deadline; start the request (or parse an upgrade again)."""
-        self._cancel_head_timer()
+        self._head_deadline.stop()
         if self._refused:
             return
         if self.parser.should_upgrade():
@@ -327,7 +316,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.close_after_response()
             self.server_state.total_requests += 1
             return
-        super().on_response_complete()
+        self._next_request()
+
+    def _next_request(self) -> None:
+        # uvicorn's on_response_complete, but for its keep-alive timer: the idle
+        # deadline is moved rather than a new timer made (tests/test_uvicorn_contract.py
+        # fails if uvicorn's method changes).
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._idle.stop()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle.start()
+
+    def _unset_keepalive_if_required(self) -> None:
+        """Data arrived, or a cycle ended: the connection is not idle (its deadline stops)."""
+        self._idle.stop()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's plain-text 400, replaced by Citadel's JSON refusal."""
@@ -338,25 +346,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Stop this connection's timers, then let uvicorn end its cycles."""
-        self._cancel_head_timer()
+        self._head_deadline.close()
+        self._idle.close()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
         super().connection_lost(exc)
 
     def _head_late(self) -> None:
-        self._head_timer = None
         if self._head_bytes is not None and not self.transport.is_closing():
             self._refuse(refusals.HEAD_TIMEOUT)
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
     def _refuse(self, refusal: Refusal) -> None:
         """Answer ``refusal`` and close: now, or after the answer the client awaits first."""
-        self._cancel_head_timer()
+        self._head_deadline.close()
         if self.transport.is_closing() or self._refused:
             return
         self._refused = True

@@ -23,19 +23,14 @@ class Lingering(Protocol):
 class ResponseTransport:
     """The transport a request's cycle writes to; its ``close`` may linger first."""
 
-    __slots__ = ("_protocol", "_transport")
+    __slots__ = ("_protocol", "_transport", "is_closing", "write")
 
     def __init__(self, protocol: Lingering, transport: asyncio.Transport) -> None:
         self._protocol = protocol
         self._transport = transport
-
-    def write(self, data: bytes) -> None:
-        """Write through to the connection."""
-        self._transport.write(data)
-
-    def is_closing(self) -> bool:
-        """Whether the connection is closing."""
-        return self._transport.is_closing()
+        # The connection's own methods, not wrappers: these run for every answer.
+        self.write = transport.write
+        self.is_closing = transport.is_closing
 
     def close(self) -> None:
         """Ask the protocol to close: at once, or after draining an unread body."""
