@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -53,7 +54,7 @@ Audit = dict[str, Any]
 Single = TypeVar("Single", bound=BaseModel)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
     """One item's result: the single form's answer, or its error, and its audit fields."""
 
@@ -67,7 +68,7 @@ class Item:
         return "ok" if self.error is None else self.error.code
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """What a call gives back: the response body (or the single form's error) and its items.
 
@@ -78,6 +79,16 @@ class Outcome:
 
     items: tuple[Item, ...]
     batch: bool
+
+    @classmethod
+    def single(cls, field: str, result: str, audit: Audit) -> Outcome:
+        """The single form's answer: ``{field: result}``."""
+        return cls((Item({field: result}, None, audit),), False)
+
+    @classmethod
+    def failed(cls, error: CitadelError, audit: Audit) -> Outcome:
+        """The single form's error, with the audit fields known before it."""
+        return cls((Item(None, error, audit),), False)
 
     @property
     def error(self) -> CitadelError | None:
@@ -100,7 +111,7 @@ def _result(item: Item) -> dict[str, Any]:
     return {"error": {"code": item.error.code, "detail": item.error.detail}}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
     """A request whose body passed every check, ready to run; ``items`` is its rate-limit cost."""
 
@@ -108,10 +119,11 @@ class Call:
     run: Callable[[], Awaitable[Outcome]]
 
 
-def _with_context(audit: Audit, context: Any) -> Audit:
-    found = keys(context)
-    if found:
-        audit["context_keys"] = found
+def _audit(ciphertext: str, context: Any) -> Audit:
+    """The audit fields every item that names a ciphertext carries."""
+    audit: Audit = {"ct_fp": fingerprint(ciphertext)}
+    if context:
+        audit["context_keys"] = keys(context)
     return audit
 
 
@@ -166,65 +178,88 @@ class Operations:
         items, batched = self._items("encrypt", raw, EncryptRequest, EncryptBatch)
         for item in items:
             self.vault.check_plaintext(item.plaintext)
+        if not batched:
+            return Call(1, partial(self._encrypt_one, items[0]))
 
         async def run() -> Outcome:
             done = []
             for item in items:
                 ciphertext = await self.vault.encrypt_checked(item.plaintext, item.context)
-                audit = _with_context({"ct_fp": fingerprint(ciphertext)}, item.context)
-                done.append(Item({"encrypted_data": ciphertext}, None, audit))
-            return Outcome(tuple(done), batched)
+                done.append(
+                    Item({"encrypted_data": ciphertext}, None, _audit(ciphertext, item.context))
+                )
+            return Outcome(tuple(done), True)
 
         return Call(len(items), run)
+
+    async def _encrypt_one(self, item: EncryptRequest) -> Outcome:
+        ciphertext = await self.vault.encrypt_checked(item.plaintext, item.context)
+        return Outcome.single("encrypted_data", ciphertext, _audit(ciphertext, item.context))
 
     # -- decrypt -----------------------------------------------------------------------------------
 
     def decrypt(self, raw: bytes) -> Call:
         """``/decrypt``: each plaintext (sent with ``Cache-Control: no-store``)."""
         items, batched = self._items("decrypt", raw, DecryptRequest, DecryptBatch)
+        if not batched:
+            return Call(1, partial(self._decrypt_one, items[0]))
 
         async def run() -> Outcome:
             pairs = [(item.encrypted_data, item.context) for item in items]
-            found = await _found(
-                batched, self.vault.decrypt_many, lambda pair: self.vault.decrypt(*pair), pairs
+            found = await self.vault.decrypt_many(pairs)
+            return Outcome(
+                tuple(
+                    _item(result, "plaintext", _audit(ct, ctx))
+                    for (ct, ctx), result in zip(pairs, found, strict=True)
+                ),
+                True,
             )
-            done = [
-                _item(result, "plaintext", _with_context(_fp(ct), ctx), batched)
-                for (ct, ctx), result in zip(pairs, found, strict=True)
-            ]
-            return Outcome(tuple(done), batched)
 
         return Call(len(items), run)
+
+    async def _decrypt_one(self, item: DecryptRequest) -> Outcome:
+        audit = _audit(item.encrypted_data, item.context)
+        try:
+            plaintext = await self.vault.decrypt(item.encrypted_data, item.context)
+        except CitadelError as err:
+            return Outcome.failed(err, audit)
+        return Outcome.single("plaintext", plaintext, audit)
 
     # -- rewrap ------------------------------------------------------------------------------------
 
     def rewrap(self, raw: bytes) -> Call:
         """``/rewrap``: each plaintext under the active key, bound to the same or a new context."""
         items, batched = self._items("rewrap", raw, RewrapRequest, RewrapBatch)
+        triples = [
+            (
+                item.encrypted_data,
+                item.context,
+                item.new_context if "new_context" in item.model_fields_set else item.context,
+            )
+            for item in items
+        ]
+        if not batched:
+            return Call(1, partial(self._rewrap_one, *triples[0]))
 
         async def run() -> Outcome:
-            triples = [
-                (
-                    item.encrypted_data,
-                    item.context,
-                    item.new_context if "new_context" in item.model_fields_set else item.context,
-                )
-                for item in items
-            ]
-            found = await _found(
-                batched, self.vault.rewrap_many, lambda each: self.vault.rewrap(*each), triples
+            found = await self.vault.rewrap_many(triples)
+            return Outcome(
+                tuple(
+                    _item(result, "encrypted_data", _rewrap_audit(ct, ctx, target, result))
+                    for (ct, ctx, target), result in zip(triples, found, strict=True)
+                ),
+                True,
             )
-            done = []
-            for (ct, ctx, target), result in zip(triples, found, strict=True):
-                audit = _with_context(_fp(ct), ctx)
-                if isinstance(result, str):
-                    audit["ct_fp_new"] = fingerprint(result)
-                if target != ctx and keys(target):
-                    audit["new_context_keys"] = keys(target)
-                done.append(_item(result, "encrypted_data", audit, batched))
-            return Outcome(tuple(done), batched)
 
         return Call(len(items), run)
+
+    async def _rewrap_one(self, ciphertext: str, context: Any, target: Any) -> Outcome:
+        try:
+            result = await self.vault.rewrap(ciphertext, context, target)
+        except CitadelError as err:
+            return Outcome.failed(err, _rewrap_audit(ciphertext, context, target, err))
+        audit = _rewrap_audit(ciphertext, context, target, result)
+        return Outcome.single("encrypted_data", result, audit)
 
     # -- sign --------------------------------------------------------------------------------------
 
@@ -232,18 +267,28 @@ class Operations:
         """``/sign``: each signature by the secret inside its ciphertext; only signatures leave."""
         items, batched = self._items("sign", raw, SignRequest, SignBatch)
         jobs = [self._job(item) for item in items]
+        if not batched:
+            return Call(1, partial(self._sign_one, jobs[0]))
 
         async def run() -> Outcome:
-            found = await _found(batched, self.vault.sign_many, self.vault.sign, jobs)
-            done = []
-            for job, result in zip(jobs, found, strict=True):
-                audit = _fp(job.ciphertext)
-                audit["algorithm"] = job.algorithm
-                audit["msg_fp"] = fingerprint(job.message)
-                done.append(_item(result, "signature", _with_context(audit, job.context), batched))
-            return Outcome(tuple(done), batched)
+            found = await self.vault.sign_many(jobs)
+            return Outcome(
+                tuple(
+                    _item(result, "signature", _sign_audit(job))
+                    for job, result in zip(jobs, found, strict=True)
+                ),
+                True,
+            )
 
         return Call(len(items), run)
+
+    async def _sign_one(self, job: SignJob) -> Outcome:
+        audit = _sign_audit(job)
+        try:
+            signature = await self.vault.sign(job)
+        except CitadelError as err:
+            return Outcome.failed(err, audit)
+        return Outcome.single("signature", signature, audit)
 
     def _job(self, item: SignRequest) -> SignJob:
         message = signing.decode_message(item.message, item.message_encoding)
@@ -261,33 +306,30 @@ class Operations:
         )
 
 
-def _fp(ciphertext: str) -> Audit:
-    return {"ct_fp": fingerprint(ciphertext)}
+def _rewrap_audit(ciphertext: str, context: Any, target: Any, result: str | CitadelError) -> Audit:
+    audit = _audit(ciphertext, context)
+    if isinstance(result, str):
+        audit["ct_fp_new"] = fingerprint(result)
+    if target != context and keys(target):
+        audit["new_context_keys"] = keys(target)
+    return audit
 
 
-async def _found(
-    batched: bool,
-    many: Callable[[list[Any]], Awaitable[list[str | CitadelError]]],
-    one: Callable[[Any], Awaitable[str]],
-    args: list[Any],
-) -> list[str | CitadelError]:
-    """The vault's results: ``many`` for a batch; for the single form ``one``, its error kept.
-
-    The single form's error is returned, not raised, so its audit line still
-    has the fields known before it (the ciphertext's fingerprint).
-    """
-    if batched:
-        return await many(args)
-    try:
-        return [await one(args[0])]
-    except CitadelError as err:
-        return [err]
+def _sign_audit(job: SignJob) -> Audit:
+    audit: Audit = {
+        "ct_fp": fingerprint(job.ciphertext),
+        "algorithm": job.algorithm,
+        "msg_fp": fingerprint(job.message),
+    }
+    if job.context:
+        audit["context_keys"] = keys(job.context)
+    return audit
 
 
-def _item(result: str | CitadelError, field: str, audit: Audit, batch: bool) -> Item:
-    """An item from a vault result; in a batch, an error no item causes (a 503) fails it whole."""
+def _item(result: str | CitadelError, field: str, audit: Audit) -> Item:
+    """A batch item from a vault result; an error no item causes (a 503) fails the batch whole."""
     if isinstance(result, str):
         return Item({field: result}, None, audit)
-    if batch and not isinstance(result, ITEM_ERRORS):
+    if not isinstance(result, ITEM_ERRORS):
         raise result
     return Item(None, result, audit)
