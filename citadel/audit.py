@@ -33,24 +33,17 @@ class AuditLog:
 
     async def write(
         self,
+        common: Mapping[str, Any],
         *,
-        operation: str,
-        requestor: str | None,
-        user_id: str | None,
         success: bool,
         code: str,
-        duration_ms: float,
-        request_id: str,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Write one event; raise ``AuditUnavailable`` if it cannot be written whole in time."""
-        common = {
-            "operation": operation,
-            "requestor": requestor,
-            "user_id": user_id,
-            "duration_ms": duration_ms,
-            "request_id": request_id,
-        }
+        """Write one event; raise ``AuditUnavailable`` if it cannot be written whole in time.
+
+        ``common`` holds the fields every event of a request has: ``operation``,
+        ``requestor``, ``user_id``, ``duration_ms`` and ``request_id``.
+        """
         event = _event(utc_timestamp(), common, code, extra or {})
         event["success"] = success  # the caller's word: the pipeline's is "status below 400"
         await self.sink.write(orjson.dumps(event) + b"\n")

@@ -9,7 +9,7 @@ the other by rewrapping while both keep working.
 from __future__ import annotations
 
 import asyncio
-import hmac
+import hashlib
 import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -37,7 +37,9 @@ _SLOW_ALGORITHMS = frozenset({"rsa-pkcs1v15-sha256"})
 _ALL_PREFIXES = (("ev:", "evervault"), ("cit1:", "local"))
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per item of every /sign, and a frozen dataclass costs
+# three times as much to build; nothing changes a job once made.
+@dataclass(slots=True)
 class SignJob:
     """One signature to make: the ciphertext of the secret (and its context), and what to sign."""
 
@@ -57,7 +59,7 @@ class KeyVerdicts:
     key that passed the key check (``None``), or the fixed detail of the
     ``invalid_key`` it got. A refused ciphertext sent again is refused without
     decrypting it (for Evervault, without an API call) or parsing anything.
-    Entries are an HMAC of the ciphertext under a random per-process key: nothing
+    Entries are a keyed BLAKE2b MAC of the ciphertext under a random per-process key: nothing
     here says anything of a secret, nor even which ciphertexts were seen.
     Bounded, the least recently used forgotten first.
     """
@@ -76,7 +78,9 @@ class KeyVerdicts:
         bound = canonical(job.context) if job.context else b""
         # Length-prefixed, so no ciphertext and context can pass for another pair.
         data = f"{job.algorithm}\0{job.key_encoding}\0{len(job.ciphertext)}:{job.ciphertext}"
-        return hmac.digest(self._salt, data.encode("utf-8", "surrogatepass") + bound, "sha256")
+        # Keyed BLAKE2b is a MAC as HMAC-SHA256 is, at half the cost on every /sign.
+        raw = data.encode("utf-8", "surrogatepass") + bound
+        return hashlib.blake2b(raw, key=self._salt, digest_size=32).digest()
 
     def known(self, fingerprint: bytes) -> tuple[bool, str | None]:
         """Whether there is a verdict, and the refusal's detail if it was one."""

@@ -168,7 +168,8 @@ class Pipeline:
             self.authorize(request, scope)
             body = await self.read_body(request, head, receive)
             call = self.operations.prepare(operation, body)
-            await self.limit_items(request, call.items)
+            if call.items > 1:
+                await self.limit_items(request, call.items)
             answer = Answer.of_outcome(await call.run())
         except ClientGone as err:
             # A body the protocol refused mid-way: the client got the protocol's answer.
@@ -227,7 +228,7 @@ class Pipeline:
         A batch that does not fit in what is left of a budget is refused whole,
         and the unit :meth:`limit` took for it is given back.
         """
-        if self.limiter is not None and items > 1:
+        if self.limiter is not None:
             assert request.caller is not None
             await self.limiter.hit_caller(
                 request.caller, request.user_pseudonym, cost=items - 1, already=1
@@ -268,7 +269,7 @@ class Pipeline:
         try:
             if answer.items is None:
                 await self.audit.write(
-                    **common, success=answer.status < 400, code=answer.code, extra=answer.audit
+                    common, success=answer.status < 400, code=answer.code, extra=answer.audit
                 )
             else:
                 await self.audit.write_batch(

@@ -37,9 +37,11 @@ def choose(sent: Iterable[bytes]) -> bytes:
     The client's own, when it sent exactly one valid one (surrounding
     whitespace ignored, RFC 9110); a fresh one otherwise.
     """
-    values = [value.strip(_OWS) for value in sent]
-    if len(values) == 1 and VALID_REQUEST_ID.match(values[0]):
-        return values[0]
+    values = sent if isinstance(sent, tuple) else tuple(sent)
+    if len(values) == 1:
+        value = values[0].strip(_OWS)
+        if VALID_REQUEST_ID.match(value):
+            return value
     return new_request_id()
 
 
