@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import BaseModel
 from support import Served, headers, make_settings, serve_citadel
 
+from citadel import signing
 from citadel.http.answers import (
     EncryptedData,
     ErrorBody,
@@ -99,3 +100,21 @@ def test_an_error_answer_has_exactly_the_documented_fields(served: Served) -> No
         r = c.post("/encrypt", json={"plaintext": ""}, headers=headers("sentinel"))
     assert r.status_code == 422
     assert set(r.json()) == set(ErrorBody.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("field", "allowed"),
+    [
+        ("algorithm", tuple(signing.ALGORITHMS)),
+        ("message_encoding", signing.MESSAGE_ENCODINGS),
+        ("signature_encoding", signing.SIGNATURE_ENCODINGS),
+    ],
+)
+def test_the_sign_models_choices_are_the_signing_modules(
+    field: str, allowed: tuple[str, ...]
+) -> None:
+    # The model spells its choices out as Literal types (pydantic checks them
+    # without a Python call); they must be exactly what signing.py implements.
+    assert get_args(SignRequest.model_fields[field].annotation) == allowed
+    schema = SignRequest.model_json_schema()["properties"][field]
+    assert tuple(schema["enum"]) == allowed

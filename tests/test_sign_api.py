@@ -951,3 +951,22 @@ def test_sign_with_a_secret_under_a_retired_key_is_400_key_retired(tmp_path: Pat
         )
         r = c.post("/sign", json=body, headers=headers("conductor"))
     assert error_code(r) == (400, "key_retired")
+
+
+@pytest.mark.parametrize("field", ["algorithm", "message_encoding", "signature_encoding"])
+def test_a_choice_outside_the_list_is_refused_naming_the_list_never_the_value(
+    c: httpx.Client, field: str
+) -> None:
+    canary = "canary-choice-7f3a"
+    body = {"encrypted_data": "x", "algorithm": "hmac-sha256", "message": "m", field: canary}
+    r = c.post("/sign", json=body, headers=headers("conductor"))
+    assert error_code(r) == (422, "invalid_request") and canary not in r.text
+    assert r.json()["detail"].startswith(f"The field {field} must be one of: ")
+
+
+def test_a_batch_items_wrong_choice_names_the_item(c: httpx.Client) -> None:
+    good = {"encrypted_data": "x", "algorithm": "hmac-sha256", "message": "m"}
+    body = {"batch": [good, {**good, "algorithm": "hmac-md5"}]}
+    r = c.post("/sign", json=body, headers=headers("conductor"))
+    assert error_code(r) == (422, "invalid_request")
+    assert r.json()["detail"].startswith("The field batch[1].algorithm must be one of: ")
