@@ -9,9 +9,10 @@ one run to the next:
   (``scripts/bench_inprocess.py``: the real protocol and app, a fake socket,
   no kernel), twice with different request counts; the difference divided by
   the difference in requests is the cost of one request, start-up excluded.
-- **req/s under wrk**: both servers (``citadel serve``, 1 worker) up at once,
-  loaded in turns, the order alternating each round; the medians and their
-  ratio.
+- **req/s under wrk**: each round starts a fresh ``citadel serve`` (1 worker)
+  of each tree in turn, the order alternating, and loads every path; the
+  medians and their ratio. Fresh processes, because two processes of the same
+  code differ by up to a fifth on this machine.
 
     python scripts/bench_compare.py [--against 92eecc9] [--rounds 6] [--duration 4]
 """
@@ -28,7 +29,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -119,40 +120,49 @@ def body_for(path: str, ciphertext: str) -> tuple[dict[str, str], str]:
     }[path]
 
 
-def throughput(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    medians: dict[str, dict[str, float]] = {}
-    with ExitStack() as stack:
-        servers = {}
-        for name, tree in trees.items():
-            work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            url, _pid = stack.enter_context(citadel_server(tree, work))
-            ct = httpx.post(
-                url + "/encrypt",
-                json={"plaintext": bench.PLAINTEXT},
-                headers={"X-Internal-API-Key": bench.SENTINEL},
-            ).json()["encrypted_data"]
-            servers[name] = (url, ct)
+def one_server(tree: Path, args: argparse.Namespace) -> dict[str, float]:
+    """A fresh ``citadel serve`` of ``tree``: req/s of each path, after a warm-up."""
+    with tempfile.TemporaryDirectory() as tmp, citadel_server(tree, Path(tmp)) as (url, _pid):
+        ct = httpx.post(
+            url + "/encrypt",
+            json={"plaintext": bench.PLAINTEXT},
+            headers={"X-Internal-API-Key": bench.SENTINEL},
+        ).json()["encrypted_data"]
+        found = {}
         for path in args.paths:
-            runs: dict[str, list[float]] = {name: [] for name in servers}
-            for url, ct in servers.values():
-                bench.wrk(url, path, *body_for(path, ct), 2, args.connections)  # warm-up
-            order = list(servers)
-            for round_ in range(args.rounds):
-                for name in order if round_ % 2 == 0 else order[::-1]:
-                    url, ct = servers[name]
-                    result = bench.wrk(
-                        url, path, *body_for(path, ct), args.duration, args.connections
-                    )
-                    runs[name].append(result.rps)
-            medians[path] = {name: statistics.median(values) for name, values in runs.items()}
-            this, base = (medians[path][name] for name in order)
-            print(
-                f"{path:9} req/s median of {args.rounds}: this tree {this:8.0f}  "
-                f"{args.against} {base:8.0f}  ratio {this / base:.1%}   "
-                f"(this: {[round(v) for v in runs[order[0]]]}, "
-                f"{args.against}: {[round(v) for v in runs[order[1]]]})",
-                flush=True,
-            )
+            body, key = body_for(path, ct)
+            bench.wrk(url, path, body, key, 1, args.connections)  # warm-up
+            result = bench.wrk(url, path, body, key, args.duration, args.connections)
+            if result.errors:
+                raise RuntimeError(f"{tree} answered {path} with {result.errors} errors")
+            found[path] = result.rps
+        return found
+
+
+def throughput(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Medians over rounds, each round a fresh server process of each tree, in alternating order.
+
+    One server process kept for every round is not enough: two processes of
+    the same code differ by up to a fifth here (where their memory and their
+    CPU land), so each round starts its own.
+    """
+    runs: dict[str, dict[str, list[float]]] = {p: {n: [] for n in trees} for p in args.paths}
+    order = list(trees)
+    for round_ in range(args.rounds):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            for path, rps in one_server(trees[name], args).items():
+                runs[path][name].append(rps)
+    medians: dict[str, dict[str, float]] = {}
+    for path in args.paths:
+        medians[path] = {name: statistics.median(values) for name, values in runs[path].items()}
+        this, base = (medians[path][name] for name in order)
+        print(
+            f"{path:9} req/s median of {args.rounds} servers each: this tree {this:8.0f}  "
+            f"{args.against} {base:8.0f}  ratio {this / base:.1%}   "
+            f"(this: {[round(v) for v in runs[path][order[0]]]}, "
+            f"{args.against}: {[round(v) for v in runs[path][order[1]]]})",
+            flush=True,
+        )
     return medians
 
 
