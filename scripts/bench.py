@@ -64,6 +64,19 @@ class Result:
     errors: int
 
 
+def operation_body(path: str, ciphertext: str) -> tuple[dict[str, str], str]:
+    """The body of one request to ``path`` (``ciphertext`` for those that take one), and its key."""
+    return {
+        "/encrypt": ({"plaintext": PLAINTEXT}, SENTINEL),
+        "/decrypt": ({"encrypted_data": ciphertext}, CONDUCTOR),
+        "/sign": (
+            {"encrypted_data": ciphertext, "algorithm": "hmac-sha256", "message": ORDER},
+            CONDUCTOR,
+        ),
+        "/rewrap": ({"encrypted_data": ciphertext}, MIGRATOR),
+    }[path]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -108,18 +108,6 @@ def citadel_server(tree: Path, work: Path) -> Iterator[tuple[str, int]]:
         proc.wait(15)
 
 
-def body_for(path: str, ciphertext: str) -> tuple[dict[str, str], str]:
-    return {
-        "/encrypt": ({"plaintext": bench.PLAINTEXT}, bench.SENTINEL),
-        "/decrypt": ({"encrypted_data": ciphertext}, bench.CONDUCTOR),
-        "/sign": (
-            {"encrypted_data": ciphertext, "algorithm": "hmac-sha256", "message": bench.ORDER},
-            bench.CONDUCTOR,
-        ),
-        "/rewrap": ({"encrypted_data": ciphertext}, bench.MIGRATOR),
-    }[path]
-
-
 def one_server(tree: Path, args: argparse.Namespace) -> dict[str, float]:
     """A fresh ``citadel serve`` of ``tree``: req/s of each path, after a warm-up."""
     with tempfile.TemporaryDirectory() as tmp, citadel_server(tree, Path(tmp)) as (url, _pid):
@@ -130,7 +118,7 @@ def one_server(tree: Path, args: argparse.Namespace) -> dict[str, float]:
         ).json()["encrypted_data"]
         found = {}
         for path in args.paths:
-            body, key = body_for(path, ct)
+            body, key = bench.operation_body(path, ct)
             bench.wrk(url, path, body, key, 1, args.connections)  # warm-up
             result = bench.wrk(url, path, body, key, args.duration, args.connections)
             if result.errors:

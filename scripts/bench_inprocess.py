@@ -110,15 +110,7 @@ async def serve(path: str, requests: int) -> float:
     ciphertext = json.loads(
         await one(request("/encrypt", bench.SENTINEL, {"plaintext": bench.PLAINTEXT}))
     )["encrypted_data"]
-    body, key = {
-        "/encrypt": ({"plaintext": bench.PLAINTEXT}, bench.SENTINEL),
-        "/decrypt": ({"encrypted_data": ciphertext}, bench.CONDUCTOR),
-        "/sign": (
-            {"encrypted_data": ciphertext, "algorithm": "hmac-sha256", "message": bench.ORDER},
-            bench.CONDUCTOR,
-        ),
-        "/rewrap": ({"encrypted_data": ciphertext}, bench.MIGRATOR),
-    }[path]
+    body, key = bench.operation_body(path, ciphertext)
     data = request(path, key, body)
     start = time.perf_counter()
     for _ in range(requests):

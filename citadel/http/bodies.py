@@ -16,7 +16,7 @@ body, :func:`parse` applies the contract's rules that pydantic does not:
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from citadel import signing
 from citadel.errors import InvalidCiphertext, InvalidRequest
+from citadel_client import MessageEncoding, SignAlgorithm, SignatureEncoding
 
 Body = TypeVar("Body", bound=BaseModel)
 Batch = TypeVar("Batch", bound=BaseModel)
@@ -254,18 +255,8 @@ def _key_encoding_schema(schema: dict[str, Any]) -> None:
 
 
 # The choices pydantic checks itself (in Rust: a Python validator per field cost
-# more than the rest of the body's validation); tests/test_openapi.py keeps
-# them equal to citadel.signing's tables.
-Algorithm = Literal[
-    "hmac-sha256",
-    "hmac-sha384",
-    "hmac-sha512",
-    "ed25519",
-    "rsa-pkcs1v15-sha256",
-    "ecdsa-p256-sha256",
-]
-MessageEncoding = Literal["utf-8", "base64"]
-SignatureEncoding = Literal["hex", "base64", "base64url"]
+# more than the rest of the body's validation), as the client's types spell
+# them; tests/test_openapi.py keeps them equal to citadel.signing's tables.
 _CHOICES = {
     "algorithm": tuple(signing.ALGORITHMS),
     "message_encoding": signing.MESSAGE_ENCODINGS,
@@ -278,7 +269,7 @@ class SignRequest(BaseModel):
 
     model_config = _STRICT
     encrypted_data: NonEmpty
-    algorithm: Algorithm
+    algorithm: SignAlgorithm
     message: NonEmpty
     message_encoding: MessageEncoding = "utf-8"
     # Optional but never null: null is refused (422), so the document offers

@@ -24,8 +24,9 @@ from citadel_client.errors import (
     error_for_code,
 )
 
-# The values of the contract's /sign table, for type checkers; the server is the
-# judge at run time (422 invalid_request), so a newer server's values still pass.
+# The values of the contract's /sign table: for type checkers here, and the very
+# types the server validates /sign bodies with (citadel.http.bodies). An older
+# client's types may lag a newer server's; the server is the judge (422).
 SignAlgorithm = Literal[
     "hmac-sha256",
     "hmac-sha384",
