@@ -11,6 +11,7 @@ never sleep, or as a subprocess where it must be killed or piped.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -51,6 +52,9 @@ class FakeCitadel:
         self.broken = 0
         self.request_ids: list[str] = []
         self.fail_after = fail_after
+        # Once this many items are answered, later requests wait unanswered until
+        # it is set to None, then are dropped uncounted (their client was killed).
+        self.hold_after: int | None = None
         self.limit_suffix = limit_suffix
         self._limited_once: set[str] = set()
         self._lock = threading.Lock()
@@ -77,6 +81,10 @@ class FakeCitadel:
             return await self._send(send, 404, {"detail": "x", "code": "not_found"})
         if headers.get(b"x-internal-api-key") != API_KEY.encode():
             return await self._send(send, 401, {"detail": "x", "code": "unauthenticated"})
+        if self.hold_after is not None and self.answered >= self.hold_after:
+            while self.hold_after is not None:
+                await asyncio.sleep(0.01)
+            return None
         payload = json.loads(body)
         self.bodies.append(payload)
         batch = "batch" in payload
@@ -455,6 +463,8 @@ def test_killed_process_resumes_from_its_partial_output(
     tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
 ) -> None:
     fake, url = fake_server
+    # The tool stalls after 1,500 lines, so it is killed midway however fast it is.
+    fake.hold_after = 1500
     lines = make_input(4000, bad_every=500)
     src = write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
@@ -475,6 +485,7 @@ def test_killed_process_resumes_from_its_partial_output(
     # What the kill left: complete lines, perhaps a torn one after them.
     kept = (tmp_path / "out.jsonl.partial").read_bytes().count(b"\n")
     assert kept > 0
+    fake.hold_after = None
     fake.answered = 0
 
     code, _, _ = run_tool(url, key_file, str(src), "--output", str(out), "--resume")
