@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,9 +53,10 @@ class FakeCitadel:
         self.broken = 0
         self.request_ids: list[str] = []
         self.fail_after = fail_after
-        # Once this many items are answered, later requests wait unanswered until
-        # it is set to None, then are dropped uncounted (their client was killed).
-        self.hold_after: int | None = None
+        # A request holding a line past this one (the number a test ciphertext
+        # ends with) waits unanswered until it is set to None, then is dropped
+        # uncounted (its client was killed).
+        self.hold_from_line: int | None = None
         self.limit_suffix = limit_suffix
         self._limited_once: set[str] = set()
         self._lock = threading.Lock()
@@ -81,15 +83,17 @@ class FakeCitadel:
             return await self._send(send, 404, {"detail": "x", "code": "not_found"})
         if headers.get(b"x-internal-api-key") != API_KEY.encode():
             return await self._send(send, 401, {"detail": "x", "code": "unauthenticated"})
-        if self.hold_after is not None and self.answered >= self.hold_after:
-            while self.hold_after is not None:
-                await asyncio.sleep(0.01)
-            return None
         payload = json.loads(body)
-        self.bodies.append(payload)
         batch = "batch" in payload
         items = payload["batch"] if batch else [payload]
         cts = [item["encrypted_data"] for item in items]
+        if self.hold_from_line is not None and any(
+            int(re.sub(r"^.*?(\d+)$", r"\1", ct)) > self.hold_from_line for ct in cts
+        ):
+            while self.hold_from_line is not None:
+                await asyncio.sleep(0.01)
+            return None
+        self.bodies.append(payload)
         with self._lock:
             if self.fail_after is not None and self.answered + len(cts) > self.fail_after:
                 self.broken += 1
@@ -463,8 +467,8 @@ def test_killed_process_resumes_from_its_partial_output(
     tmp_path: Path, fake_server: tuple[FakeCitadel, str], key_file: Path
 ) -> None:
     fake, url = fake_server
-    # The tool stalls after 1,500 lines, so it is killed midway however fast it is.
-    fake.hold_after = 1500
+    # Lines past 2,000 are held, so the tool is killed midway however fast it is.
+    fake.hold_from_line = 2000
     lines = make_input(4000, bad_every=500)
     src = write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
@@ -475,7 +479,11 @@ def test_killed_process_resumes_from_its_partial_output(
         stderr=subprocess.PIPE,
     )
     try:
-        wait_until(lambda: fake.answered >= 1500 or proc.poll() is not None, timeout=60)
+        partial = tmp_path / "out.jsonl.partial"
+        wait_until(
+            lambda: (partial.exists() and b"\n" in partial.read_bytes()) or proc.poll() is not None,
+            timeout=60,
+        )
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(10)
@@ -485,7 +493,7 @@ def test_killed_process_resumes_from_its_partial_output(
     # What the kill left: complete lines, perhaps a torn one after them.
     kept = (tmp_path / "out.jsonl.partial").read_bytes().count(b"\n")
     assert kept > 0
-    fake.hold_after = None
+    fake.hold_from_line = None
     fake.answered = 0
 
     code, _, _ = run_tool(url, key_file, str(src), "--output", str(out), "--resume")
