@@ -90,11 +90,6 @@ class Outcome:
         """The single form's error, with the audit fields known before it."""
         return cls((Item(None, error, audit),), False)
 
-    @property
-    def error(self) -> CitadelError | None:
-        """The error the whole answer is (the single form's item error), or None."""
-        return None if self.batch else self.items[0].error
-
     def body(self) -> bytes:
         """The JSON answer: the single form's body, or the batch of results."""
         if not self.batch:
@@ -217,13 +212,9 @@ class Operations:
 
         return Call(len(items), run)
 
-    async def _decrypt_one(self, item: DecryptRequest) -> Outcome:
+    def _decrypt_one(self, item: DecryptRequest) -> Awaitable[Outcome]:
         audit = _audit(item.encrypted_data, item.context)
-        try:
-            plaintext = await self.vault.decrypt(item.encrypted_data, item.context)
-        except CitadelError as err:
-            return Outcome.failed(err, audit)
-        return Outcome.single("plaintext", plaintext, audit)
+        return _single("plaintext", self.vault.decrypt(item.encrypted_data, item.context), audit)
 
     # -- rewrap ------------------------------------------------------------------------------------
 
@@ -282,13 +273,9 @@ class Operations:
 
         return Call(len(items), run)
 
-    async def _sign_one(self, job: SignJob) -> Outcome:
+    def _sign_one(self, job: SignJob) -> Awaitable[Outcome]:
         audit = _sign_audit(job)
-        try:
-            signature = await self.vault.sign(job)
-        except CitadelError as err:
-            return Outcome.failed(err, audit)
-        return Outcome.single("signature", signature, audit)
+        return _single("signature", self.vault.sign(job), audit)
 
     def _job(self, item: SignRequest) -> SignJob:
         message = signing.decode_message(item.message, item.message_encoding)
@@ -306,12 +293,26 @@ class Operations:
         )
 
 
+async def _single(field: str, work: Awaitable[str], audit: Audit) -> Outcome:
+    """The single form's outcome of ``work``: its answer, or its error with ``audit`` kept.
+
+    The error is kept, not raised, so its audit line still has the fields
+    known before it (the ciphertext's fingerprint).
+    """
+    try:
+        result = await work
+    except CitadelError as err:
+        return Outcome.failed(err, audit)
+    return Outcome.single(field, result, audit)
+
+
 def _rewrap_audit(ciphertext: str, context: Any, target: Any, result: str | CitadelError) -> Audit:
     audit = _audit(ciphertext, context)
     if isinstance(result, str):
         audit["ct_fp_new"] = fingerprint(result)
-    if target != context and keys(target):
-        audit["new_context_keys"] = keys(target)
+    new_keys = keys(target) if target != context else None
+    if new_keys:
+        audit["new_context_keys"] = new_keys
     return audit
 
 
