@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -91,40 +90,25 @@ def instructions(tree: Path, path: str, requests: int) -> int:
     raise RuntimeError(done.stderr[-2000:])
 
 
-@contextmanager
-def citadel_server(tree: Path, work: Path) -> Iterator[tuple[str, int]]:
-    port = bench.free_port()
-    cmd = [bench.PY, "-m", "citadel", "serve", "--port", str(port)]
-    with open(work / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=work, env=tree_env(tree, work), stdout=log, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        bench.wait_ready(url, "/docs")
-        yield url, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
-
-
 def one_server(tree: Path, args: argparse.Namespace) -> dict[str, float]:
     """A fresh ``citadel serve`` of ``tree``: req/s of each path, after a warm-up."""
-    with tempfile.TemporaryDirectory() as tmp, citadel_server(tree, Path(tmp)) as (url, _pid):
-        ct = httpx.post(
-            url + "/encrypt",
-            json={"plaintext": bench.PLAINTEXT},
-            headers={"X-Internal-API-Key": bench.SENTINEL},
-        ).json()["encrypted_data"]
-        found = {}
-        for path in args.paths:
-            body, key = bench.operation_body(path, ct)
-            bench.wrk(url, path, body, key, 1, args.connections)  # warm-up
-            result = bench.wrk(url, path, body, key, args.duration, args.connections)
-            if result.errors:
-                raise RuntimeError(f"{tree} answered {path} with {result.errors} errors")
-            found[path] = result.rps
-        return found
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with bench.server(["citadel"], tree_env(tree, work), work, work / "server.log") as url:
+            ct = httpx.post(
+                url + "/encrypt",
+                json={"plaintext": bench.PLAINTEXT},
+                headers={"X-Internal-API-Key": bench.SENTINEL},
+            ).json()["encrypted_data"]
+            for path in args.paths:
+                body, key = bench.operation_body(path, ct)
+                bench.wrk(url, path, body, key, 1, args.connections)  # warm-up
+                result = bench.wrk(url, path, body, key, args.duration, args.connections)
+                if result.errors:
+                    raise RuntimeError(f"{tree} answered {path} with {result.errors} errors")
+                found[path] = result.rps
+    return found
 
 
 def throughput(trees: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, float]]:
